@@ -1,0 +1,120 @@
+"""The MAFR checkpoint: one safetensors file holding the trained heads and, in its header, the JSON
+metadata needed to rebuild exactly the same detector (extractors and the hash of their weights,
+grid, preprocessing, losses, scoring, thresholds, training files, metrics).
+
+safetensors is used because it cannot execute code on load (unlike pickle-based .pth files) and
+its header is readable without loading the tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+FORMAT = "mafr_ros.checkpoint"
+FORMAT_VERSION = 1
+_META_KEY = "mafr_ros"
+
+
+def save_checkpoint(path, state_dict: dict, metadata: dict) -> Path:
+    """Write heads weights + metadata atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(metadata)
+    meta["format"] = FORMAT
+    meta["format_version"] = FORMAT_VERSION
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path) -> dict:
+    """Only the JSON metadata (cheap: reads the header, not the tensors)."""
+    path = _existing(path)
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len <= 0 or header_len > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(handle.read(header_len))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read the safetensors header ({exc}); the file is corrupt or "
+            "not a mafr_ros checkpoint - retrain it or point the configuration at the right file"
+        ) from None
+    return _parse_meta(path, header.get("__metadata__") or {})
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[dict, dict]:
+    """(state_dict, metadata) of a checkpoint, with every failure as a CheckpointError."""
+    path = _existing(path)
+    metadata = read_metadata(path)
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: the weights cannot be read ({exc}); the file is truncated or "
+            "corrupt - copy it again or retrain"
+        ) from None
+    return state, metadata
+
+
+def _existing(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with `mafr train` or "
+                              "use the embedded default (models/)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    if path.stat().st_size < 16:
+        raise CheckpointError(f"checkpoint {path} is empty or truncated ({path.stat().st_size} bytes)")
+    return path
+
+
+def _parse_meta(path, raw: dict) -> dict:
+    if _META_KEY not in raw:
+        raise CheckpointError(
+            f"checkpoint {path}: no mafr_ros metadata in the file - it is a safetensors file but not "
+            "a MAFR checkpoint written by `mafr train`")
+    try:
+        meta = json.loads(raw[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: metadata is not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format version {version} is newer than this mafr_ros understands "
+            f"({FORMAT_VERSION}); update mafr_ros")
+    for key in ("profile", "extractors", "heads", "preprocess", "scoring", "thresholds"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path}: metadata lacks {key!r}; the file is incomplete")
+    return meta
+
+
+def check_state_dict(path, module: torch.nn.Module, state: dict) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming them (no silent strict=False)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append("wrong shape " + ", ".join(
+                f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5]))
+        raise CheckpointError(f"checkpoint {path}: weights do not match the model described in its "
+                              f"metadata ({'; '.join(parts)})")
