@@ -146,9 +146,14 @@ def depth_to_xyz(depth: np.ndarray, K, depth_scale: float | None = None,
         z[...] = depth
     else:
         np.multiply(depth, np.float32(depth_scale), out=z, casting="unsafe")
-    invalid = ~np.isfinite(z)
-    invalid |= z == 0
-    z[invalid] = np.nan
+    # The invalid mask comes from the compact input image (cheaper than from the strided z view),
+    # and copyto(where=) avoids boolean fancy indexing into that view.
+    if np.issubdtype(depth.dtype, np.integer):
+        invalid = depth == 0
+    else:
+        invalid = ~np.isfinite(depth)
+        invalid |= depth == 0
+    np.copyto(z, np.float32(np.nan), where=invalid)
     ru, rv = _pixel_rays(intr, height, width)
     np.multiply(z, ru[None, :], out=out[..., 0])
     np.multiply(z, rv[:, None], out=out[..., 1])
