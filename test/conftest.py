@@ -8,6 +8,10 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 90 + 10))
 # ament_index lookups need a prefix; the venv is laid out as one.
 os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+# Tests run the model in this process and in node processes beside it: one intra-op thread each
+# avoids oversubscribing the cores (small matrix products were 100x slower with 2 threads under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
