@@ -21,6 +21,8 @@ class Profile:
     dropout: float = 0.1
     cbam_reduction: int = 16
     needs_weights: bool = False
+    # Loss settings that differ from LossConfig's defaults for this profile.
+    loss_overrides: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -28,7 +30,10 @@ class Profile:
 
 PROFILES = {
     "paper": Profile("paper", "dino_vitb8", "pointmae", latent=960, needs_weights=True),
-    "lite": Profile("lite", "lite_rgb", "lite_xyz", latent=None, cbam_reduction=4),
+    # Soft census over 4 projections in a 5x5 window: 3.4x cheaper per step than 8 x 7x7 (measured,
+    # 1 CPU thread) for the small lite features, which carry fewer independent directions anyway.
+    "lite": Profile("lite", "lite_rgb", "lite_xyz", latent=None, cbam_reduction=4,
+                    loss_overrides=(("census_projections", 4), ("census_window", 5))),
 }
 
 

@@ -1,0 +1,220 @@
+"""The `mafr` command: one entry point for data, training, evaluation and the demo.
+
+Heavy modules (torch, open3d, rclpy) are imported inside each sub-command so that `mafr --help`
+answers instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+typical workflow:
+  mafr synth --out data/synth --seed 0                       # synthetic parts, MVTec 3D-AD layout
+  mafr preprocess --dataset data/synth                       # optional: fill the preprocessing cache
+  mafr train --dataset data/synth --category <name> --profile lite --out models/mine.safetensors
+  mafr eval --dataset data/synth --category <name> --checkpoint models/mine.safetensors --json m.json
+  mafr demo                                                  # all of the above, end to end
+  mafr node --ros-args -p checkpoint:=models/mine.safetensors # the ROS 2 node (see README)
+
+A dataset ROOT holds <category>/{train,validation,test} exactly as MVTec 3D-AD does
+(rgb/*.png, xyz/*.tiff organised point clouds in metres, gt/*.png masks for test defects).
+"""
+
+
+def _add_common(p):
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mafr",
+        description="MAFR multi-modal (RGB + 3D) anomaly detection: data, training, evaluation, "
+                    "and the ROS 2 node.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a seeded synthetic dataset (procedural parts with "
+                                     "dents, bumps, cracks, stains, missing regions)",
+                       description="Write synthetic parts in the MVTec 3D-AD layout: "
+                                   "OUT/<category>/{train,validation,test}/...")
+    p.add_argument("--out", required=True, type=Path, help="output root folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--categories", nargs="*", default=None, help="part types (default: all)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--train", type=int, default=None, help="training images per category")
+    _add_common(p)
+
+    p = sub.add_parser("preprocess", help="run the background-removal preprocessing of a dataset "
+                                          "into the cache (input files are never modified)")
+    p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
+    p.add_argument("--category", action="append", help="only these categories (repeatable)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache folder (default $MAFR_CACHE_DIR or ~/.cache/mafr_ros/preprocess)")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train one model for one object class on its good images")
+    p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
+    p.add_argument("--category", required=True, help="object class (folder under ROOT)")
+    p.add_argument("--profile", choices=["lite", "paper"], default="lite",
+                   help="lite: weight-free descriptors, fast on CPU; paper: DINO ViT-B/8 + Point-MAE "
+                        "(needs --rgb-weights and --xyz-weights)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.safetensors)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 40 (lite), 100 (paper)")
+    p.add_argument("--batch-size", type=int, default=8, help="crops (or whole grids) per step")
+    p.add_argument("--crop", type=int, default=64,
+                   help="train on random CROP x CROP windows of the feature grid (0: whole grids, "
+                        "as the published code)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=115)
+    p.add_argument("--latent", type=int, default=None,
+                   help="fusion latent width (paper: 960; lite: (d2+d3)/2)")
+    p.add_argument("--shots", type=int, default=None, help="use only K training images (few-shot)")
+    p.add_argument("--shots-seed", type=int, default=0, help="seed of the few-shot selection")
+    p.add_argument("--census", choices=["soft", "reference"], default=None,
+                   help="census loss form: true soft census (default) or the reference's local mean")
+    p.add_argument("--no-mask", action="store_true", help="do not mask invalid pixels in the loss")
+    p.add_argument("--fusion", choices=["product", "sum", "max"], default=None)
+    p.add_argument("--target-fpr", type=float, default=0.01,
+                   help="image-level false-positive rate on good validation images for the threshold")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--rgb-weights", type=Path, default=None, help="DINO ViT-B/8 weights (paper)")
+    p.add_argument("--xyz-weights", type=Path, default=None, help="Point-MAE weights (paper)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a test split (I-AUROC, P-AUROC, AUPRO)")
+    p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
+    p.add_argument("--category", required=True)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--json", type=Path, default=None,
+                   help="write metrics JSON here (keys i_auroc, p_auroc, aupro)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for the Markdown/JSON report, heatmap overlays and curves")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rgb-weights", type=Path, default=None)
+    p.add_argument("--xyz-weights", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    _add_common(p)
+
+    p = sub.add_parser("node", help="run the ROS 2 node (arguments after `node` go to ROS, e.g. "
+                                    "--ros-args -p checkpoint:=FILE -r __ns:=/cam)",
+                       add_help=False)
+    p.add_argument("ros_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("demo", help="the main job, offline, in a few minutes: synthetic parts -> "
+                                    "lite model -> evaluation report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true",
+                   help="train a fresh lite model instead of using the embedded default")
+    _add_common(p)
+    return parser
+
+
+def _cmd_synth(args):
+    from .data.synthetic import generate_dataset
+    kwargs = {"seed": args.seed, "categories": args.categories, "size": args.size}
+    if args.train is not None:
+        kwargs["n_train"] = args.train
+    paths = generate_dataset(args.out, **kwargs)
+    print(f"wrote {len(paths)} categories under {args.out}: " + ", ".join(Path(p).name for p in paths))
+
+
+def _cmd_preprocess(args):
+    from tqdm import tqdm
+    from .data.mvtec import MVTecDataset, list_categories
+    from .data.preprocess import PreprocessCache, PreprocessConfig, preprocess_sample
+    cache = PreprocessCache(args.cache_dir) if args.cache_dir else PreprocessCache()
+    cfg = PreprocessConfig()
+    categories = args.category or list_categories(args.dataset)
+    count = 0
+    for category in categories:
+        for split in ("train", "validation", "test"):
+            try:
+                dataset = MVTecDataset(args.dataset, category, split)
+            except Exception as exc:  # a class without a validation split, say
+                print(f"skip {category}/{split}: {exc}")
+                continue
+            for i in tqdm(range(len(dataset)), desc=f"{category}/{split}"):
+                preprocess_sample(dataset[i], cfg, cache)
+                count += 1
+    print(f"preprocessed {count} samples into {cache.cache_dir}")
+
+
+def _cmd_train(args):
+    from .core.losses import LossConfig
+    from .core.scoring import ScoringConfig
+    from .train import TrainConfig, train
+    loss = LossConfig()
+    if args.census:
+        loss.census = args.census
+    if args.no_mask:
+        loss.mask_invalid = False
+    scoring = ScoringConfig()
+    if args.fusion:
+        scoring.fusion = args.fusion
+    cfg = TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size,
+                      crop=args.crop or None,
+                      lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
+                      shots_seed=args.shots_seed, target_fpr=args.target_fpr, device=args.device,
+                      loss=loss, scoring=scoring,
+                      backbone_weights={k: str(v) for k, v in
+                                        (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
+                      cache_dir=str(args.cache_dir) if args.cache_dir else None)
+    meta = train(args.dataset, args.category, args.out, cfg)
+    t = meta["training"]
+    print(f"wrote {args.out} ({meta['model_id']}): {len(t['files'])} images, {t['epochs']} epochs, "
+          f"{t['seconds']['total']:.1f} s on {t['device']}; image threshold "
+          f"{meta['thresholds']['image']:.4g} (calibrated on {t['calibration']})")
+
+
+def _cmd_eval(args):
+    from .evaluate import evaluate
+    weights = {k: str(v) for k, v in (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v}
+    summary = evaluate(args.checkpoint, args.dataset, args.category, out_dir=args.report,
+                       json_path=args.json, device=args.device, split=args.split,
+                       cache_dir=args.cache_dir, backbone_weights=weights or None)
+    print(json.dumps({k: summary[k] for k in ("category", "model_id", "i_auroc", "p_auroc", "aupro")},
+                     indent=2))
+    if "report" in summary:
+        print(f"report: {summary['report']}")
+
+
+def _cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, seed=args.seed, retrain=args.retrain)
+
+
+def _cmd_node(args):
+    from .ros.node import main as node_main
+    sys.exit(node_main(args.ros_args))
+
+
+COMMANDS = {"node": _cmd_node, "synth": _cmd_synth, "preprocess": _cmd_preprocess, "train": _cmd_train,
+            "eval": _cmd_eval, "demo": _cmd_demo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="[%(levelname)s] %(name)s: %(message)s")
+    from .errors import MafrError
+    try:
+        COMMANDS[args.command](args)
+    except MafrError as exc:
+        print(f"mafr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The Detector: (rgb, xyz) arrays in, anomaly score and maps out. No ROS.
+
+One object owns the frozen extractors, the trained heads, the preprocessing and the scoring of a
+checkpoint, so training, evaluation, bag replay and the ROS node all run the very same code path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.preprocess import ModelInput, PreprocessConfig, map_to_input, preprocess
+from ..errors import CheckpointError, InputError
+from . import extractors as _extractors  # noqa: F401  (registers the built-in extractors)
+from .align import feature_valid_mask
+from .checkpoint import check_state_dict, load_checkpoint
+from .extractors import build_extractor
+from .heads import FusionRestorationHeads
+from .profiles import get_profile
+from .scoring import (ScoringConfig, Thresholds, fuse_maps, image_score, normalize_score,
+                      restoration_errors, smooth_maps)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return dev
+
+
+@dataclass
+class Detection:
+    """Result of one frame. Maps are (H, W) float32 at the input image resolution."""
+
+    score: float
+    normalized_score: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+    normalized_map: np.ndarray
+    grid_map: np.ndarray
+    valid_fraction: float
+    timings_ms: dict = field(default_factory=dict)
+
+
+class Detector:
+    def __init__(self, heads: FusionRestorationHeads, rgb_extractor, xyz_extractor,
+                 preprocess_cfg: PreprocessConfig, scoring_cfg: ScoringConfig,
+                 thresholds: Thresholds | None, metadata: dict, device="cpu"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.heads = heads.to(self.device).eval()
+        self.rgb_extractor = rgb_extractor.to(self.device)
+        self.xyz_extractor = xyz_extractor.to(self.device)
+        self.preprocess_cfg = preprocess_cfg
+        self.scoring_cfg = scoring_cfg
+        self.thresholds = thresholds
+        self.metadata = metadata
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, profile: str, backbone_weights: dict | None = None, device="cpu",
+              preprocess_cfg: PreprocessConfig | None = None,
+              scoring_cfg: ScoringConfig | None = None, latent: int | None = None,
+              random_init: bool = False) -> "Detector":
+        """An untrained detector of a profile (used by training)."""
+        prof = get_profile(profile)
+        backbone_weights = backbone_weights or {}
+        preprocess_cfg = preprocess_cfg or PreprocessConfig()
+        kwargs = {"grid": preprocess_cfg.grid}
+        if prof.needs_weights:
+            kwargs["random_init"] = random_init
+        rgb = build_extractor(prof.rgb_extractor, weights=backbone_weights.get("rgb"), **kwargs)
+        xyz = build_extractor(prof.xyz_extractor, weights=backbone_weights.get("xyz"), **kwargs)
+        latent = latent or prof.latent or (rgb.out_dim + xyz.out_dim) // 2
+        heads_cfg = dict(dim_2d=rgb.out_dim, dim_3d=xyz.out_dim, latent=latent,
+                         encoder_layers=prof.encoder_layers, decoder_layers=prof.decoder_layers,
+                         dropout=prof.dropout, cbam_reduction=prof.cbam_reduction)
+        heads = FusionRestorationHeads(**heads_cfg)
+        metadata = {"profile": prof.name, "heads": heads_cfg,
+                    "extractors": {"rgb": rgb.describe(), "xyz": xyz.describe()},
+                    "preprocess": preprocess_cfg.to_dict(),
+                    "scoring": (scoring_cfg or ScoringConfig()).to_dict(), "thresholds": None}
+        return cls(heads, rgb, xyz, preprocess_cfg, scoring_cfg or ScoringConfig(), None,
+                   metadata, device)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="auto", backbone_weights: dict | None = None) -> "Detector":
+        """Load a checkpoint written by `mafr train`; every problem is a CheckpointError naming
+        the file. ``backbone_weights`` ({"rgb": path, "xyz": path}) overrides the weight files the
+        checkpoint was trained with (paper profile); their hash must match the recorded one."""
+        state, meta = load_checkpoint(path)
+        device = resolve_device(device)
+        try:
+            prof = get_profile(meta["profile"])
+            preprocess_cfg = PreprocessConfig.from_dict(meta["preprocess"])
+            scoring_cfg = ScoringConfig.from_dict(meta["scoring"])
+            thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] else None
+            heads = FusionRestorationHeads(**meta["heads"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: incompatible metadata ({exc})") from None
+        check_state_dict(path, heads, state)
+        heads.load_state_dict(state)
+        backbone_weights = backbone_weights or {}
+        extractors = {}
+        for modality, name in (("rgb", prof.rgb_extractor), ("xyz", prof.xyz_extractor)):
+            recorded = meta["extractors"][modality]
+            if recorded["name"] != name:
+                raise CheckpointError(f"checkpoint {path}: {modality} extractor {recorded['name']!r} "
+                                      f"does not belong to profile {prof.name!r}")
+            weights = backbone_weights.get(modality) or (
+                recorded.get("weights") if prof.needs_weights else None)
+            kwargs = {"grid": preprocess_cfg.grid}
+            if prof.needs_weights:
+                kwargs["random_init"] = recorded.get("weights") in (None, "none", "random")
+                if kwargs["random_init"]:
+                    weights = backbone_weights.get(modality)
+                    kwargs["random_init"] = weights is None
+            extractor = build_extractor(name, weights=weights, **kwargs)
+            if extractor.out_dim != meta["heads"][f"dim_{'2d' if modality == 'rgb' else '3d'}"]:
+                raise CheckpointError(f"checkpoint {path}: {name} gives {extractor.out_dim}-d features "
+                                      "but the heads were trained on another width")
+            if extractor.weights_hash() != recorded.get("weights_hash"):
+                raise CheckpointError(
+                    f"checkpoint {path}: the {modality} extractor {name} differs from the one the heads "
+                    f"were trained with (weights hash {extractor.weights_hash()} != "
+                    f"{recorded.get('weights_hash')}); point the configuration at the same backbone "
+                    "file that was used for training")
+            extractors[modality] = extractor
+        return cls(heads, extractors["rgb"], extractors["xyz"], preprocess_cfg, scoring_cfg,
+                   thresholds, meta, device)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def model_id(self) -> str:
+        return self.metadata.get("model_id") or f"{self.metadata.get('profile', '?')}-untrained"
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def extract(self, rgb: torch.Tensor, xyz: torch.Tensor):
+        """Frozen features on the grid: f2d (B,C2,S,S), f3d (B,C3,S,S) and the mask of pixels with
+        a non-empty 3D feature (B,S,S)."""
+        rgb = rgb.to(self.device, non_blocking=True)
+        xyz = xyz.to(self.device, non_blocking=True)
+        f2d = self.rgb_extractor(rgb)
+        f3d = self.xyz_extractor(xyz)
+        return f2d, f3d, feature_valid_mask(f3d)
+
+    @torch.no_grad()
+    def anomaly_maps(self, f2d, f3d, mask):
+        """Smoothed fused map (B,S,S) and the raw per-modality restoration errors."""
+        rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
+        r2d = restoration_errors(f2d, rec2d)
+        r3d = restoration_errors(f3d, rec3d)
+        fused = fuse_maps(r2d, r3d, self.scoring_cfg.fusion, mask)
+        smoothed = smooth_maps(fused, self.scoring_cfg)
+        return smoothed, r2d, r3d
+
+    def image_scores(self, smoothed: torch.Tensor) -> torch.Tensor:
+        return image_score(smoothed, self.scoring_cfg.image_score, self.scoring_cfg.topk_fraction)
+
+    @torch.no_grad()
+    def score_inputs(self, inputs: list[ModelInput]):
+        """Grid maps (B,S,S) and image scores (B,) of already preprocessed inputs."""
+        rgb = torch.from_numpy(np.stack([i.rgb for i in inputs]))
+        xyz = torch.from_numpy(np.stack([i.xyz for i in inputs]))
+        f2d, f3d, mask = self.extract(rgb, xyz)
+        smoothed, _, _ = self.anomaly_maps(f2d, f3d, mask)
+        return smoothed, self.image_scores(smoothed)
+
+    # ------------------------------------------------------------------ one frame
+    def detect(self, rgb: np.ndarray, xyz: np.ndarray) -> Detection:
+        """Score one frame: rgb (H,W,3) uint8 RGB, xyz (H,W,3) float metres registered to it
+        (invalid = 0 or NaN)."""
+        if self.thresholds is None:
+            raise CheckpointError("this detector has no calibrated thresholds; train it with `mafr train`")
+        t0 = time.perf_counter()
+        model_input = preprocess(rgb, xyz, self.preprocess_cfg)
+        t1 = time.perf_counter()
+        smoothed, scores = self.score_inputs([model_input])
+        grid_map = smoothed[0].float().cpu().numpy()
+        score = float(scores[0])
+        t2 = time.perf_counter()
+        anomaly_map = map_to_input(grid_map, model_input.frame).astype(np.float32, copy=False)
+        th = self.thresholds
+        normalized_map = normalize_score(anomaly_map, th.pixel, th.pixel_scale).astype(np.float32)
+        # Far from every valid 3D point the smoothed map is exactly 0: say "nothing measured" (0)
+        # there rather than the small positive value the normalisation gives a zero score.
+        normalized_map[anomaly_map <= 0] = 0.0
+        t3 = time.perf_counter()
+        return Detection(
+            score=score,
+            normalized_score=float(normalize_score(score, th.image, th.image_scale)),
+            is_anomalous=score > th.image,
+            anomaly_map=anomaly_map,
+            normalized_map=normalized_map,
+            grid_map=grid_map,
+            valid_fraction=float(model_input.valid.mean()),
+            timings_ms={"preprocess": (t1 - t0) * 1e3, "model": (t2 - t1) * 1e3,
+                        "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3},
+        )
+
+    def warmup(self, size: int = 64):
+        """Run one synthetic frame so that lazy allocations happen before the first real one."""
+        rng = np.random.default_rng(0)
+        rgb = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        xyz = np.stack([(xx - size / 2) * 1e-3, (yy - size / 2) * 1e-3,
+                        0.65 + 1e-4 * rng.standard_normal((size, size))], -1).astype(np.float32)
+        return self.score_inputs([preprocess(rgb, xyz, self._warmup_cfg())])
+
+    def _warmup_cfg(self) -> PreprocessConfig:
+        # The warm-up frame is a plain tilted sheet: skip plane removal and clustering, which
+        # would remove it, but keep the grid and everything after it identical.
+        cfg = PreprocessConfig.from_dict(self.preprocess_cfg.to_dict())
+        cfg.remove_plane = False
+        cfg.cluster = False
+        return cfg
+
+
+def default_model_path() -> Path:
+    """The embedded default checkpoint shipped in models/ (lite profile, synthetic parts)."""
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "models" / "lite_synthetic.safetensors"]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidates.append(Path(get_package_share_directory("mafr_ros")) / "models" /
+                          "lite_synthetic.safetensors")
+    except Exception:  # not a colcon install: the source-tree copy is the one
+        pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return candidates[0]
