@@ -1,0 +1,203 @@
+"""Test-side helpers for the node's process-level tests (imported by test_node_*.py and
+bench/node.py): start the node and the camera as separate processes, and observe the graph
+from a third participant.
+
+Every process inherits ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and ROS_DOMAIN_ID from the caller
+(test/conftest.py sets both), so DDS stays on loopback and concurrent runs do not hear each
+other. MAFR_TEST_CHECKPOINT, when set, replaces the embedded default model (to run the same
+tests against another checkpoint); by default the node loads models/lite_synthetic.safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+REPO = Path(__file__).resolve().parents[2]
+PROCS = Path(__file__).resolve().parent
+KINECT_DIR = REPO.parent / "shared" / "data" / "kinect_rgbd"
+RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50,
+                      reliability=ReliabilityPolicy.RELIABLE)
+
+
+def stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+class NodeProcess:
+    """``scripts/mafr_node`` in its own process; stdout and stderr go to ``log_path``."""
+
+    def __init__(self, namespace: str, params: dict, log_path: Path, extra_args=()):
+        # The shipped parameters file first, as a deployment would; -p overrides it.
+        args = [sys.executable, str(REPO / "scripts" / "mafr_node"), "--ros-args",
+                "--params-file", str(REPO / "config" / "mafr.yaml"), "-r", f"__ns:={namespace}"]
+        checkpoint = os.environ.get("MAFR_TEST_CHECKPOINT")
+        if checkpoint and "checkpoint" not in params:
+            params = dict(params, checkpoint=checkpoint)
+        for name, value in params.items():
+            args += ["-p", f"{name}:={_param_text(value)}"]
+        args += list(extra_args)
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def _param_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+class CameraProcess:
+    """test/procs/node_camera.py, driven by JSON commands (see its docstring)."""
+
+    def __init__(self, namespace: str, reliability: str = "reliable"):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROCS / "node_camera.py"), "--ns", namespace,
+             "--reliability", reliability, "--kinect-dir", str(KINECT_DIR)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._reply(timeout=120)  # {"ready": true}
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def _reply(self, timeout: float) -> dict:
+        try:
+            return json.loads(self._lines.get(timeout=timeout))
+        except queue.Empty:
+            raise TimeoutError(f"camera process gave no answer within {timeout} s "
+                               f"(alive: {self.proc.poll() is None})") from None
+
+    def cmd(self, timeout: float = 60.0, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._reply(timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(15)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Observer:
+    """A test participant in its own rclpy context, spinning in a background thread and keeping
+    every message received per topic."""
+
+    def __init__(self, name: str = "node_test_observer"):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = Node(name, context=self.context)
+        self._executor = SingleThreadedExecutor(context=self.context)
+        self._executor.add_node(self.node)
+        self._cond = threading.Condition()
+        self.messages: dict[str, list] = defaultdict(list)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        while self.context.ok():
+            try:
+                self._executor.spin_once(timeout_sec=0.05)
+            except Exception:  # shutdown race
+                if not self.context.ok():
+                    return
+                raise
+
+    def subscribe(self, msg_type, topic: str, qos=RELIABLE):
+        def store(msg, topic=topic):
+            with self._cond:
+                self.messages[topic].append(msg)
+                self._cond.notify_all()
+        return self.node.create_subscription(msg_type, topic, store, qos)
+
+    def wait_for(self, topic: str, predicate=lambda m: True, timeout: float = 60.0):
+        """The first message on ``topic`` satisfying ``predicate`` (already received or new)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for msg in self.messages[topic]:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no matching message on {topic} within {timeout} s "
+                                       f"({len(self.messages[topic])} received)")
+                self._cond.wait(min(left, 0.5))
+
+    def with_stamp(self, topic: str, stamp: int, timeout: float = 120.0):
+        return self.wait_for(topic, lambda m: stamp_ns(m.header.stamp) == stamp, timeout)
+
+    def received_stamps(self, topic: str) -> set:
+        with self._cond:
+            return {stamp_ns(m.header.stamp) for m in self.messages[topic]}
+
+    def set_parameters(self, node_name: str, **values):
+        """Set parameters of a remote node through its SetParameters service; the results."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        client = self.node.create_client(SetParameters, f"{node_name}/set_parameters")
+        try:
+            if not client.wait_for_service(timeout_sec=30.0):
+                raise TimeoutError(f"{node_name}/set_parameters is not available")
+            request = SetParameters.Request()
+            request.parameters = [Parameter(k.replace("__", "."), value=v).to_parameter_msg()
+                                  for k, v in values.items()]
+            future = client.call_async(request)
+            deadline = time.monotonic() + 30.0
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not future.done():
+                raise TimeoutError(f"{node_name}/set_parameters did not answer")
+            return future.result().results
+        finally:
+            self.node.destroy_client(client)
+
+    def close(self):
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(5)
+
+
+def diagnostic_values(array, status_name: str):
+    """(level, message, {key: value}) of one status of a DiagnosticArray, or None."""
+    for status in array.status:
+        if status.name == status_name:
+            return status.level, status.message, {kv.key: kv.value for kv in status.values}
+    return None
