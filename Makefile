@@ -22,7 +22,7 @@ STAMP_MSGS := $(VENV)/.stamp-msgs
 STAMP_PKG  := $(VENV)/.stamp-pkg
 MSG_FILES  := $(wildcard msg/*.msg)
 
-.PHONY: setup test test-fast demo bench clean distclean
+.PHONY: setup test test-fast demo bench model clean distclean
 
 setup: $(STAMP_DEPS) $(STAMP_MSGS) $(STAMP_PKG)
 
@@ -30,7 +30,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP_DEPS): requirements.txt | $(PY)
+$(STAMP_DEPS): requirements.txt requirements-python.txt | $(PY)
 	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
 	  echo "installing libusb-1.0-0 (open3d needs libusb-1.0.so.0)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
@@ -75,3 +75,10 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# Rebuild the embedded default model (models/lite_synthetic.safetensors) from scratch:
+# synthetic parts of seed 0, lite profile, seed 115. Takes minutes on a CPU.
+model: setup
+	$(VENV)/bin/mafr synth --out build/model_data --seed 0 --categories gland
+	$(VENV)/bin/mafr train --dataset build/model_data --category gland --profile lite \
+	  --seed 115 --cache-dir build/model_cache --out models/lite_synthetic.safetensors
