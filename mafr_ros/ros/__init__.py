@@ -1,0 +1,1 @@
+"""Everything that touches rclpy: message conversions, the synchroniser, the node."""
