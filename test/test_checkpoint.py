@@ -26,7 +26,7 @@ def test_round_trip_and_metadata(saved):
     assert read_metadata(path) == meta
     for key, value in module.state_dict().items():
         assert torch.equal(state[key], value)
-    check_state_dict(path, module, state)
+    check_state_dict(module.state_dict(), state, path, "unit", "retrain")
     assert not list(path.parent.glob("*.tmp"))  # written atomically
 
 
@@ -70,9 +70,11 @@ def test_newer_format_is_refused(tmp_path):
 def test_state_dict_mismatches_are_named(saved):
     module, path = saved
     state, _ = load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="missing \\['bias'\\]"):
-        check_state_dict(path, module, {"weight": state["weight"]})
-    with pytest.raises(CheckpointError, match="wrong shape weight"):
-        check_state_dict(path, module, {"weight": torch.zeros(2, 2), "bias": state["bias"]})
-    with pytest.raises(CheckpointError, match="unexpected \\['extra'\\]"):
-        check_state_dict(path, module, dict(state, extra=torch.zeros(1)))
+    expected = module.state_dict()
+    with pytest.raises(CheckpointError, match="1 missing keys: bias"):
+        check_state_dict(expected, {"weight": state["weight"]}, path, "unit", "retrain")
+    with pytest.raises(CheckpointError, match=r"wrong shape: weight \(2, 2\) \(expected \(3, 4\)\)"):
+        check_state_dict(expected, {"weight": torch.zeros(2, 2), "bias": state["bias"]}, path, "unit",
+                         "retrain")
+    with pytest.raises(CheckpointError, match="1 unexpected keys: extra"):
+        check_state_dict(expected, dict(state, extra=torch.zeros(1)), path, "unit", "retrain")

@@ -20,16 +20,6 @@ def smooth_maps(b, c, h, w, seed, sigma=1.5):
     return torch.from_numpy(x / x.std()).float()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These tensors are tiny: on a shared 2-core machine, OpenMP thread hand-offs cost far more
-    than the maths (a 512x88 @ 88x64 product took 46 ms with 2 threads, 0.26 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_heads():
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from mafr_ros.core.scoring import (ScoringConfig, Thresholds, anomaly_maps, box_
                                    restoration_errors, score_scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors on a shared 2-core machine: one thread avoids OpenMP hand-off stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def rng():
     return np.random.default_rng(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -101,20 +102,38 @@ def _parse_meta(path, raw: dict) -> dict:
     return meta
 
 
-def check_state_dict(path, module: torch.nn.Module, state: dict) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming them (no silent strict=False)."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
+_MAX_LISTED = 12  # key names listed per category in error messages
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _shape_or_type(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping, path: Path | str,
+                     what: str, download_hint: str, ignored: Mapping | None = None) -> None:
+    """Refuse a state dict whose keys or tensor shapes differ from the model's.
+
+    ``ignored`` entries (known keys that the extractor does not need) are not reported.
+    """
+    found_keys = {k for k in found if not (ignored and k in ignored)}
+    missing = expected.keys() - found_keys
+    unexpected = found_keys - expected.keys()
+    misshaped = [f"{k} {_shape_or_type(found[k])} (expected {tuple(expected[k].shape)})"
+                 for k in sorted(expected.keys() & found_keys)
+                 if not isinstance(found[k], torch.Tensor) or found[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        problems = []
         if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append("wrong shape " + ", ".join(
-                f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5]))
-        raise CheckpointError(f"checkpoint {path}: weights do not match the model described in its "
-                              f"metadata ({'; '.join(parts)})")
+            problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        if misshaped:
+            problems.append(f"{len(misshaped)} tensors of the wrong shape: {_listing(misshaped)}")
+        raise CheckpointError(f"weight file {path} is not a {what} checkpoint: {'; '.join(problems)}. "
+                              f"Use the right file: {download_hint}")

@@ -103,7 +103,8 @@ class Detector:
             heads = FusionRestorationHeads(**meta["heads"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: incompatible metadata ({exc})") from None
-        check_state_dict(path, heads, state)
+        check_state_dict(heads.state_dict(), state, path, "MAFR heads",
+                         "the checkpoint does not match its own metadata: retrain it with `mafr train`")
         heads.load_state_dict(state)
         backbone_weights = backbone_weights or {}
         extractors = {}

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...errors import CheckpointError, InputError
 from ..align import upsample_patch_features
+from ..checkpoint import check_state_dict
 from .base import FeatureExtractor, register
 
 DINO_DOWNLOAD_HINT = (
@@ -25,15 +26,6 @@ DINO_DOWNLOAD_HINT = (
     "(https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth) or timm's "
     "vit_base_patch8_224.dino model.safetensors (https://huggingface.co/timm/vit_base_patch8_224.dino) "
     "on a machine with internet and point the configuration's dino_vitb8 weights at the file")
-
-_MAX_LISTED = 12  # key names listed per category in error messages
-
-
-def _listing(names) -> str:
-    names = sorted(names)
-    more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
-
 
 def _numpy_scalar_globals() -> list:
     """NumPy scalar and dtype constructors, allowed on top of weights_only's tensor-only default.
@@ -102,34 +94,6 @@ def read_weight_file(path: str | Path, download_hint: str) -> Mapping:
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{unreadable} ({_first_line(error)})") from error
     raise CheckpointError(unreadable)
-
-
-def _shape_or_type(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping, path: Path | str,
-                     what: str, download_hint: str, ignored: Mapping | None = None) -> None:
-    """Refuse a state dict whose keys or tensor shapes differ from the model's.
-
-    ``ignored`` entries (known keys that the extractor does not need) are not reported.
-    """
-    found_keys = {k for k in found if not (ignored and k in ignored)}
-    missing = expected.keys() - found_keys
-    unexpected = found_keys - expected.keys()
-    misshaped = [f"{k} {_shape_or_type(found[k])} (expected {tuple(expected[k].shape)})"
-                 for k in sorted(expected.keys() & found_keys)
-                 if not isinstance(found[k], torch.Tensor) or found[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if misshaped:
-            problems.append(f"{len(misshaped)} tensors of the wrong shape: {_listing(misshaped)}")
-        raise CheckpointError(f"weight file {path} is not a {what} checkpoint: {'; '.join(problems)}. "
-                              f"Use the right file: {download_hint}")
 
 
 def load_vit_weights(model: nn.Module, path: str | Path) -> None:
