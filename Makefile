@@ -44,7 +44,7 @@ $(STAMP_DEPS): requirements.txt requirements-python.txt | $(PY)
 # start-up hook puts on LD_LIBRARY_PATH) and the Python module in .venv/lib/mafr_ros_msgs
 # (which mafr_ros/__init__.py adds to the package path).
 $(STAMP_MSGS): $(STAMP_DEPS) $(MSG_FILES) CMakeLists.txt package.xml
-	rm -rf build/msgs
+	rm -rf build/msgs && mkdir -p build
 	AMENT_PREFIX_PATH=$(ABS_VENV) CMAKE_PREFIX_PATH=$(ABS_VENV) cmake -S . -B build/msgs \
 	  -DMAFR_INSTALL_PYTHON=OFF -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release \
 	  -DPython3_EXECUTABLE=$(ABS_VENV)/bin/python -DCMAKE_INSTALL_PREFIX=$(ABS_VENV) \
