@@ -1,6 +1,7 @@
 """The contract every frozen feature extractor fulfils, and the registry that builds them by name."""
 from __future__ import annotations
 
+import abc
 import hashlib
 from typing import Callable
 
@@ -10,7 +11,7 @@ from torch import nn
 from ...errors import CheckpointError
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """A frozen extractor that puts features of one modality on the model's pixel grid.
 
     Subclasses set ``name``, ``modality`` ("rgb" or "xyz") and ``out_dim`` and implement
@@ -52,8 +53,9 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"{self.name}: expected a (B, 3, S, S) batch, got {tuple(x.shape)}")
         return self.extract(x)
 
+    @abc.abstractmethod
     def extract(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # implemented by every registered subclass
+        """(B, 3, S, S) input batch -> (B, out_dim, S, S) features on the grid."""
 
     def weights_hash(self) -> str:
         """Short SHA-256 of the parameters and buffers (identifies the weights in checkpoints)."""
