@@ -190,16 +190,16 @@ def _cmd_demo(args):
     run_demo(args.out, seed=args.seed, retrain=args.retrain)
 
 
-def _cmd_node(args):
-    from .ros.node import main as node_main
-    sys.exit(node_main(args.ros_args))
-
-
-COMMANDS = {"node": _cmd_node, "synth": _cmd_synth, "preprocess": _cmd_preprocess, "train": _cmd_train,
+COMMANDS = {"synth": _cmd_synth, "preprocess": _cmd_preprocess, "train": _cmd_train,
             "eval": _cmd_eval, "demo": _cmd_demo}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["node"]:
+        # Everything after `node` belongs to ROS (--ros-args ...) and to the node's own -h.
+        from .ros.node import main as node_main
+        return node_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -31,8 +31,15 @@ def test_mafr_help_in_fresh_shell(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage: mafr" in out.stdout
-    for command in ("synth", "preprocess", "train", "eval"):
+    for command in ("synth", "preprocess", "train", "eval", "demo", "node"):
         assert command in out.stdout
+
+
+def test_mafr_node_help_lists_topics_and_parameters(tmp_path):
+    out = subprocess.run([str(VENV_BIN / "mafr"), "node", "-h"], cwd=tmp_path, env=_clean_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rgb/image_rect_color" in out.stdout and "checkpoint" in out.stdout
 
 
 def test_package_xml_is_format_3_with_real_dependencies():
