@@ -12,12 +12,11 @@ Differences from the published code, on purpose:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +246,3 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     log.info("wrote %s (%s)", out_path, model_id)
     return meta
 
-
-def config_summary(cfg: TrainConfig) -> str:
-    data = asdict(cfg)
-    return json.dumps(data, indent=1, default=str)

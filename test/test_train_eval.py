@@ -130,3 +130,14 @@ def test_embedded_model_detects_held_out_synthetic_defects(tmp_path):
                        cache_dir=tmp_path / "cache")
     assert summary["i_auroc"] >= 0.85, summary
     assert summary["p_auroc"] >= 0.85, summary
+
+
+def test_backbone_weights_resolution_when_loading():
+    from mafr_ros.core.detector import resolve_backbone_weights
+    # weight-free extractors never get a file
+    assert resolve_backbone_weights("none (weight-free)", "x.pth", needs_weights=False) is None
+    # the user's file wins, then the one recorded at training time
+    assert resolve_backbone_weights("/train/dino.pth", "/here/dino.pth", True) == "/here/dino.pth"
+    assert resolve_backbone_weights("/train/dino.pth", None, True) == "/train/dino.pth"
+    # heads trained on randomly initialised backbones rebuild them (the hash check then applies)
+    assert resolve_backbone_weights("random-init (seed 0)", None, True) is None

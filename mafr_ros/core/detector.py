@@ -34,6 +34,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def resolve_backbone_weights(recorded: str | None, override: str | None, needs_weights: bool):
+    """The weight file to build an extractor from when loading a checkpoint: the user's override,
+    else the file recorded at training time; None for weight-free extractors and for backbones that
+    were trained with random initialisation (benchmarks/tests; the weights hash still has to match)."""
+    if not needs_weights:
+        return None
+    if override:
+        return str(override)
+    if recorded and not recorded.startswith(("random-init", "none")):
+        return recorded
+    return None
+
+
 @dataclass
 class Detection:
     """Result of one frame. Maps are (H, W) float32 at the input image resolution."""
@@ -113,14 +126,11 @@ class Detector:
             if recorded["name"] != name:
                 raise CheckpointError(f"checkpoint {path}: {modality} extractor {recorded['name']!r} "
                                       f"does not belong to profile {prof.name!r}")
-            weights = backbone_weights.get(modality) or (
-                recorded.get("weights") if prof.needs_weights else None)
+            weights = resolve_backbone_weights(recorded.get("weights"), backbone_weights.get(modality),
+                                               prof.needs_weights)
             kwargs = {"grid": preprocess_cfg.grid}
             if prof.needs_weights:
-                kwargs["random_init"] = recorded.get("weights") in (None, "none", "random")
-                if kwargs["random_init"]:
-                    weights = backbone_weights.get(modality)
-                    kwargs["random_init"] = weights is None
+                kwargs["random_init"] = weights is None
             extractor = build_extractor(name, weights=weights, **kwargs)
             if extractor.out_dim != meta["heads"][f"dim_{'2d' if modality == 'rgb' else '3d'}"]:
                 raise CheckpointError(f"checkpoint {path}: {name} gives {extractor.out_dim}-d features "
