@@ -212,3 +212,118 @@ def valid_mask(xyz: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels whose point is finite and not the (0, 0, 0) 'missing' marker."""
     finite = np.isfinite(xyz).all(axis=-1)
     return finite & np.any(xyz != 0, axis=-1)
+
+
+@dataclass(frozen=True)
+class PinholeFit:
+    """A pinhole model fitted to organised clouds, with its reprojection residual in pixels.
+
+    ``rms_px`` and ``max_px`` are the RMS and largest distance between each valid pixel's centre
+    (u = column, v = row) and the projection of its point; ``num_points`` valid pixels were used.
+    """
+
+    intrinsics: CameraIntrinsics
+    rms_px: float
+    max_px: float
+    num_points: int
+
+
+def _normalised_coordinates(xyz: np.ndarray):
+    """(x/z, y/z, u, v) of the valid pixels of one organised (H, W, 3) cloud, float64."""
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise InputError(f"an organised cloud must be (H, W, 3), got shape {xyz.shape}")
+    valid = valid_mask(xyz) & (xyz[..., 2] > 0)
+    rows, cols = np.nonzero(valid)
+    points = xyz[rows, cols].astype(np.float64)
+    return points[:, 0] / points[:, 2], points[:, 1] / points[:, 2], cols.astype(np.float64), \
+        rows.astype(np.float64)
+
+
+def fit_pinhole(clouds) -> PinholeFit:
+    """Pinhole intrinsics of organised clouds whose pixel (u, v) holds the point seen there.
+
+    ``clouds``: one (H, W, 3) cloud or an iterable of clouds of the same size (metres, camera
+    optical frame; invalid points are NaN or (0, 0, 0)). Linear least squares of
+    u = fx * x/z + cx and v = fy * y/z + cy over every valid pixel: the two axes are independent
+    2-parameter problems, solved from running sums so that any number of clouds costs one pass
+    and no concatenation. A second pass measures the residual; an iterable that can only be
+    walked once (a generator) is materialised first. For clouds too large to hold, accumulate
+    with :class:`PinholeFitter` and measure with :func:`pinhole_residuals`.
+    """
+    if isinstance(clouds, np.ndarray) and clouds.ndim == 3:
+        clouds = [clouds]
+    elif not isinstance(clouds, (list, tuple)):
+        clouds = list(clouds)
+    fitter = PinholeFitter()
+    for xyz in clouds:
+        fitter.add(xyz)
+    intr = fitter.solve()
+    squares, largest, count = 0.0, 0.0, 0
+    for xyz in clouds:
+        residual = pinhole_residuals(xyz, intr)
+        residual = residual[np.isfinite(residual)]
+        squares += float(np.dot(residual, residual))
+        largest = max(largest, float(residual.max(initial=0.0)))
+        count += residual.size
+    return PinholeFit(intr, float(np.sqrt(squares / count)), largest, count)
+
+
+class PinholeFitter:
+    """Running normal equations of the pinhole fit (see :func:`fit_pinhole`)."""
+
+    def __init__(self):
+        # Per axis: n, sum a, sum a^2, sum p, sum a*p for p = fx * a + cx (a = x/z, p = u).
+        self._sums = np.zeros((2, 5))
+        self._shape: tuple[int, int] | None = None
+
+    def add(self, xyz: np.ndarray) -> int:
+        """Add one organised cloud; returns its number of valid pixels."""
+        shape = tuple(np.shape(xyz)[:2])
+        if self._shape is not None and shape != self._shape:
+            raise InputError(f"cloud of {shape[1]}x{shape[0]} pixels in a fit of "
+                             f"{self._shape[1]}x{self._shape[0]} clouds: one camera, one size")
+        self._shape = shape
+        a_x, a_y, u, v = _normalised_coordinates(xyz)
+        for axis, (a, p) in enumerate(((a_x, u), (a_y, v))):
+            self._sums[axis] += (a.size, a.sum(), np.dot(a, a), p.sum(), np.dot(a, p))
+        return int(u.size)
+
+    def solve(self) -> CameraIntrinsics:
+        if self._shape is None:
+            raise InputError("no cloud was added to the pinhole fit")
+        params = []
+        for axis, name in enumerate("xy"):
+            n, sa, saa, sp, sap = self._sums[axis]
+            # Centred form: the determinant is n^2 var(a), zero when the points span no angle.
+            det = n * saa - sa * sa
+            if n < 2 or not det > 1e-12 * max(n * n, 1.0):
+                raise InputError(
+                    f"cannot fit the camera's {name} focal length: the clouds have {int(n)} valid "
+                    f"points spanning no viewing angle along {name}; a fit needs valid points in "
+                    "many pixel columns and rows")
+            focal = (n * sap - sa * sp) / det
+            params.append((focal, (sp - focal * sa) / n))
+        (fx, cx), (fy, cy) = params
+        if not (fx > 0 and fy > 0):
+            raise InputError(f"the pinhole fit gives focal lengths fx={fx:.4g}, fy={fy:.4g}: the "
+                             "clouds are not in a camera optical frame (x right, y down, z forward) "
+                             "registered to their pixel grid")
+        height, width = self._shape
+        return CameraIntrinsics(float(fx), float(fy), float(cx), float(cy), int(width), int(height))
+
+
+def pinhole_residuals(xyz: np.ndarray, intrinsics: CameraIntrinsics) -> np.ndarray:
+    """(H, W) pixel distance between each pixel's centre and its point's projection; NaN if invalid."""
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise InputError(f"an organised cloud must be (H, W, 3), got shape {xyz.shape}")
+    height, width = xyz.shape[:2]
+    valid = valid_mask(xyz) & (xyz[..., 2] > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = xyz[..., 2].astype(np.float64)
+        du = intrinsics.fx * xyz[..., 0] / z + intrinsics.cx - np.arange(width)[None, :]
+        dv = intrinsics.fy * xyz[..., 1] / z + intrinsics.cy - np.arange(height)[:, None]
+        residual = np.hypot(du, dv)
+    residual[~valid] = np.nan
+    return residual
