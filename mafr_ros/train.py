@@ -28,7 +28,7 @@ from .core.detector import Detector, resolve_device
 from .core.losses import LossConfig, mafr_loss
 from .core.profiles import get_profile
 from .core.scoring import ScoringConfig, Thresholds
-from .data.mvtec import MVTecDataset
+from .data.formats import open_dataset
 from .data.preprocess import PreprocessCache, PreprocessConfig, preprocess_sample
 from .errors import DatasetError
 
@@ -49,6 +49,7 @@ class TrainConfig:
     pixel_target_fpr: float = 0.001
     shots: int | None = None
     shots_seed: int = 0
+    dataset_format: str = "auto"  # mvtec, eyecandies or auto (detected from the folder layout)
     device: str = "auto"
     amp: bool = True  # bf16 autocast, CUDA only
     # Train on random crops of the feature grid (pixels per side) instead of whole grids. The heads
@@ -178,9 +179,10 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     started = time.time()
     cache = PreprocessCache(cfg.cache_dir) if cfg.cache_dir is not None else PreprocessCache()
 
-    train_set = MVTecDataset(dataset_root, category, "train", shots=cfg.shots, seed=cfg.shots_seed)
+    train_set = open_dataset(dataset_root, category, "train", shots=cfg.shots, seed=cfg.shots_seed,
+                             format=cfg.dataset_format)
     try:
-        val_set = MVTecDataset(dataset_root, category, "validation")
+        val_set = open_dataset(dataset_root, category, "validation", format=cfg.dataset_format)
     except DatasetError:
         val_set = None
     log.info("training %s on %d images (%s)", category, len(train_set), dataset_root)
