@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model for one object class on its good images")
     p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
     p.add_argument("--category", required=True, help="object class (folder under ROOT)")
+    p.add_argument("--format", choices=["auto", "mvtec", "eyecandies"], default="auto",
+                   help="dataset layout (auto: detected from the folders)")
     p.add_argument("--profile", choices=["lite", "paper"], default="lite",
                    help="lite: weight-free descriptors, fast on CPU; paper: DINO ViT-B/8 + Point-MAE "
                         "(needs --rgb-weights and --xyz-weights)")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
     p.add_argument("--category", required=True)
     p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--format", choices=["auto", "mvtec", "eyecandies"], default="auto",
+                   help="dataset layout (auto: detected from the folders)")
     p.add_argument("--json", type=Path, default=None,
                    help="write metrics JSON here (keys i_auroc, p_auroc, aupro)")
     p.add_argument("--report", type=Path, default=None,
@@ -162,6 +166,7 @@ def _cmd_train(args):
                       crop=args.crop or None,
                       lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
                       shots_seed=args.shots_seed, target_fpr=args.target_fpr, device=args.device,
+                      dataset_format=args.format,
                       loss=loss, scoring=scoring,
                       backbone_weights={k: str(v) for k, v in
                                         (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
@@ -178,7 +183,8 @@ def _cmd_eval(args):
     weights = {k: str(v) for k, v in (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v}
     summary = evaluate(args.checkpoint, args.dataset, args.category, out_dir=args.report,
                        json_path=args.json, device=args.device, split=args.split,
-                       cache_dir=args.cache_dir, backbone_weights=weights or None)
+                       cache_dir=args.cache_dir, backbone_weights=weights or None,
+                       dataset_format=args.format)
     print(json.dumps({k: summary[k] for k in ("category", "model_id", "i_auroc", "p_auroc", "aupro")},
                      indent=2))
     if "report" in summary:

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .core.detector import Detector
+from .data.formats import open_dataset
 from .data.mvtec import MVTecDataset
 from .data.preprocess import (ModelInput, PreprocessCache, gt_to_grid, map_to_input,
                               preprocess_sample)
@@ -120,7 +121,9 @@ def write_evaluation(run: dict, metrics: ClassMetrics, *, checkpoint, model_id: 
     }
     if "grid" in metrics.extra:
         summary["grid"] = {"p_auroc": metrics.extra["grid"]["p_auroc"],
-                           "aupro": metrics.extra["grid"]["aupro"][0.3]}
+                           "aupro": metrics.extra["grid"]["aupro"][0.3],
+                           "aupro_limits": {str(k): v for k, v in
+                                            metrics.extra["grid"]["aupro"].items()}}
     summary.update(extra or {})
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -144,11 +147,12 @@ def write_evaluation(run: dict, metrics: ClassMetrics, *, checkpoint, model_id: 
 
 def evaluate(checkpoint, dataset_root, category: str, out_dir=None, json_path=None,
              device="auto", split="test", overlays: int = 12, progress: bool = True,
-             cache_dir=None, backbone_weights=None) -> dict:
+             cache_dir=None, backbone_weights=None, dataset_format: str = "auto") -> dict:
     """Evaluate a checkpoint on one class. Writes a Markdown + JSON report, heatmap overlays and
-    ROC/PRO curves into out_dir when given, and the metrics JSON to json_path when given."""
+    ROC/PRO curves into out_dir when given, and the metrics JSON to json_path when given.
+    ``dataset_format``: mvtec, eyecandies or auto (detected from the folder layout)."""
     detector = Detector.from_checkpoint(checkpoint, device=device, backbone_weights=backbone_weights)
-    dataset = MVTecDataset(dataset_root, category, split)
+    dataset = open_dataset(dataset_root, category, split, format=dataset_format)
     cache = PreprocessCache(cache_dir) if cache_dir is not None else PreprocessCache()
     run = score_split(detector, dataset, cache, progress=progress)
     metrics = compute_metrics(category, run)
