@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_common(p)
 
+    p = sub.add_parser("table", help="gather per-class metrics JSON files (mafr eval --json) into "
+                                     "paper-style tables (classes as columns, mean last)")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="one metrics JSON file or folder of them per run (method/variant)")
+    p.add_argument("--out", required=True, type=Path, help="Markdown file to write (JSON beside it)")
+    p.add_argument("--name", action="append", default=None,
+                   help="row name of each run, in order (default: the file or folder name)")
+    p.add_argument("--title", default="MAFR results")
+    _add_common(p)
+
     p = sub.add_parser("node", help="run the ROS 2 node (arguments after `node` go to ROS, e.g. "
                                     "--ros-args -p checkpoint:=FILE -r __ns:=/cam)",
                        add_help=False)
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true",
                    help="train a fresh lite model instead of using the embedded default")
     _add_common(p)
+
+    from .bag.cli import add_bag_parser  # light: argparse only, no rclpy/rosbags
+    add_bag_parser(sub)
     return parser
 
 
@@ -191,13 +204,26 @@ def _cmd_eval(args):
         print(f"report: {summary['report']}")
 
 
+def _cmd_table(args):
+    from .report import table_from_paths
+    md_path, json_path = table_from_paths(args.runs, args.out, names=args.name, title=args.title)
+    print(f"wrote {md_path} and {json_path}")
+
+
 def _cmd_demo(args):
     from .demo import run_demo
     run_demo(args.out, seed=args.seed, retrain=args.retrain)
 
 
+def _cmd_bag(args):
+    from .bag.cli import run_bag
+    run_bag(args)
+
+
 COMMANDS = {"synth": _cmd_synth, "preprocess": _cmd_preprocess, "train": _cmd_train,
-            "eval": _cmd_eval, "demo": _cmd_demo}
+            "eval": _cmd_eval, "demo": _cmd_demo, "table": _cmd_table}
+
+COMMANDS["bag"] = _cmd_bag
 
 
 def main(argv=None) -> int:
