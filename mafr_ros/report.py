@@ -454,3 +454,192 @@ def plot_pro(maps, gts, path, fpr_limit: float = 0.3, num_thresholds: int | None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Paper-style tables gathered from several evaluations
+# --------------------------------------------------------------------------------------------------
+#: Class orders of the papers' tables (MVTec 3D-AD and Eyecandies); other classes are sorted.
+PAPER_CLASS_ORDERS = (
+    ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire"),
+    ("CandyCane", "ChocolateCookie", "ChocolatePraline", "Confetto", "GummyBear", "HazelnutTruffle",
+     "LicoriceSandwich", "Lollipop", "Marshmallow", "PeppermintCandy"),
+)
+RESOLUTIONS = (("full", "original resolution"), ("grid", "model grid"))
+
+
+
+def _limit_dict(values) -> dict[float, float]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        return {PRIMARY_LIMIT: float(values)}
+    return {float(k): (math.nan if v is None else float(v)) for k, v in values.items()}
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def class_results_from_json(document: Mapping, source: str = "<json>") -> list[dict]:
+    """Per-class results of one metrics document, normalised to
+    ``{"category", "i_auroc", "full": {"p_auroc", "aupro": {limit: value}}, "grid": {...}, "n_good",
+    "n_defect"}``. Accepts the summary of ``mafr eval --json`` and the ``report.json`` that
+    :func:`write_report` (``mafr eval --report``) writes; anything else is an InputError."""
+    if not isinstance(document, Mapping):
+        raise InputError(f"{source}: expected a JSON object with evaluation metrics")
+    if isinstance(document.get("per_class"), Mapping):  # report.json
+        out = []
+        for category, entry in document["per_class"].items():
+            grid = (entry.get("extra") or {}).get("grid") or {}
+            out.append({"category": str(category), "i_auroc": _number(entry.get("i_auroc")),
+                        "full": {"p_auroc": _number(entry.get("p_auroc")),
+                                 "aupro": _limit_dict(entry.get("aupro_limits") or entry.get("aupro"))},
+                        "grid": {"p_auroc": _number(grid.get("p_auroc")),
+                                 "aupro": _limit_dict(grid.get("aupro"))},
+                        "n_good": int(entry.get("n_good", 0)), "n_defect": int(entry.get("n_defect", 0))})
+        return out
+    missing = [k for k in ("category", "i_auroc", "p_auroc") if k not in document]
+    if missing:
+        raise InputError(f"{source} is not a metrics file of `mafr eval --json` or `--report` "
+                         f"(missing {missing}; keys found: {sorted(document)[:10]})")
+    grid = document.get("grid") or {}
+    return [{"category": str(document["category"]), "i_auroc": _number(document["i_auroc"]),
+             "full": {"p_auroc": _number(document["p_auroc"]),
+                      "aupro": _limit_dict(document.get("aupro_limits") or document.get("aupro"))},
+             "grid": {"p_auroc": _number(grid.get("p_auroc")),
+                      "aupro": _limit_dict(grid.get("aupro_limits") or grid.get("aupro"))},
+             "n_good": int(document.get("n_good", 0)), "n_defect": int(document.get("n_defect", 0))}]
+
+
+def load_run(path) -> list[dict]:
+    """The per-class results of one run: a metrics JSON file, or a folder whose ``*.json`` files
+    (searched recursively, in sorted order) are metrics files. A class may appear only once."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.json"))
+        if not files:
+            raise InputError(f"{path} holds no .json metrics files (write them with `mafr eval --json`)")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise InputError(f"{path} does not exist: give metrics JSON files or folders holding them")
+    results: dict[str, dict] = {}
+    for file in files:
+        try:
+            document = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read metrics file {file} ({exc})") from None
+        for result in class_results_from_json(document, str(file)):
+            result["source"] = str(file)
+            previous = results.get(result["category"])
+            if previous is not None:
+                raise InputError(f"class {result['category']!r} appears twice in run {path}: "
+                                 f"{previous['source']} and {file}; give each run its own folder")
+            results[result["category"]] = result
+    return list(results.values())
+
+
+def order_classes(names: Iterable[str]) -> list[str]:
+    """The papers' class order when every class belongs to one dataset's list, else sorted."""
+    names = list(dict.fromkeys(names))
+    for order in PAPER_CLASS_ORDERS:
+        if set(names) <= set(order):
+            return [c for c in order if c in names]
+    return sorted(names)
+
+
+def _table_rows(limits: Sequence[float]) -> list[tuple[str, str, str | None, float | None]]:
+    """(label, key, resolution, limit) of every table, in the papers' order."""
+    rows = [("I-AUROC", "i_auroc", None, None)]
+    for resolution, _ in RESOLUTIONS:
+        rows.append(("P-AUROC", "p_auroc", resolution, None))
+    for limit in limits:
+        for resolution, _ in RESOLUTIONS:
+            rows.append((_limit_label(limit), "aupro", resolution, limit))
+    return rows
+
+
+def _cell_value(result: Mapping | None, key: str, resolution: str | None, limit: float | None) -> float:
+    if result is None:
+        return math.nan
+    if key == "i_auroc":
+        return result["i_auroc"]
+    part = result[resolution]
+    if key == "p_auroc":
+        return part["p_auroc"]
+    for k, v in part["aupro"].items():
+        if abs(k - limit) < 1e-12:
+            return v
+    return math.nan
+
+
+def write_tables(runs: Sequence[tuple[str, Sequence[Mapping]]], out_path, title: str = "MAFR results",
+                 limits: Sequence[float] = (0.3, 0.1, 0.05, 0.01), extra: Mapping | None = None,
+                 digits: int = 3) -> tuple[Path, Path]:
+    """Paper-style tables of several runs: one table per metric (I-AUROC; P-AUROC and AUPRO@limit at
+    the original resolution and on the model grid), runs as rows, classes as columns and their
+    mean last. ``runs``: ``[(name, per-class results from load_run), ...]``. Writes ``out_path``
+    (Markdown) and the same numbers as JSON next to it (``.json``). A class missing from a run
+    shows "–" and makes that run's mean "–" (a mean over fewer classes is not comparable)."""
+    if not runs:
+        raise InputError("write_tables: no runs given")
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names):
+        raise InputError(f"write_tables: duplicate run names {names}; name each run")
+    classes = order_classes(r["category"] for _, results in runs for r in results)
+    by_run = [{r["category"]: r for r in results} for _, results in runs]
+    rows = _table_rows(limits)
+
+    def cell(value: float) -> str:
+        return f"{value:.{digits}f}" if math.isfinite(value) else "–"
+
+    lines = [f"# {title}", "",
+             "One table per metric as in the papers: classes as columns, their mean last. "
+             "*original resolution*: maps and ground truth at the input image size (the official "
+             "MVTec 3D-AD protocol); *model grid*: on the 224 x 224 grid, as the published code "
+             "computes them. AUPRO@x%: normalised area under the PRO curve up to FPR x%.", ""]
+    tables = []
+    header = "| Method | " + " | ".join(classes) + " | Mean |"
+    align = "|:--" + "|--:" * (len(classes) + 1) + "|"
+    for label, key, resolution, limit in rows:
+        heading = label if resolution is None else f"{label}, {dict(RESOLUTIONS)[resolution]}"
+        lines += [f"## {heading}", "", header, align]
+        entry = {"metric": label, "key": key, "resolution": resolution, "limit": limit, "rows": []}
+        for (name, _), results in zip(runs, by_run):
+            values = [_cell_value(results.get(c), key, resolution, limit) for c in classes]
+            mean = _mean(values)
+            lines.append(f"| {name} | " + " | ".join(cell(v) for v in values) + f" | {cell(mean)} |")
+            entry["rows"].append({"run": name, "values": {c: _json_number(v) for c, v in zip(classes, values)},
+                                  "mean": _json_number(mean)})
+        lines.append("")
+        tables.append(entry)
+    counts = [", ".join(f"{results[c]['n_good']}+{results[c]['n_defect']}" if c in results else "–"
+                        for c in classes) for results in by_run]
+    lines.append("Test images (good + defective) per class: " + "; ".join(
+        f"{name}: {count}" for name, count in zip(names, counts)) + ".")
+    if extra:
+        lines += ["", "## Run", ""] + [f"- **{k}**: {v}" for k, v in extra.items()]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_path, "\n".join(lines) + "\n")
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    document = {"title": title, "classes": classes, "runs": names, "tables": tables,
+                "sources": {name: sorted({r.get("source", "") for r in results}) for name, results in runs},
+                "meta": {"created_utc": created, **(dict(extra) if extra else {})}}
+    json_path = out_path.with_suffix(".json")
+    _atomic_write(json_path, json.dumps(document, indent=2, allow_nan=False, default=_json_default) + "\n")
+    return out_path, json_path
+
+
+def table_from_paths(paths: Sequence, out_path, names: Sequence[str] | None = None,
+                     title: str = "MAFR results", limits: Sequence[float] = (0.3, 0.1, 0.05, 0.01)
+                     ) -> tuple[Path, Path]:
+    """``mafr table``: every path is one run (a metrics JSON file or a folder of them); runs are
+    named by ``names`` or by the file/folder name."""
+    paths = [Path(p) for p in paths]
+    if names is not None and len(names) != len(paths):
+        raise InputError(f"{len(names)} names for {len(paths)} runs: give one --name per run")
+    runs = [(names[i] if names else (p.stem if p.is_file() else p.name or str(p)), load_run(p))
+            for i, p in enumerate(paths)]
+    return write_tables(runs, out_path, title=title, limits=limits)

@@ -233,3 +233,92 @@ def test_roc_and_pro_plots_are_written(tmp_path):
             assert np.asarray(image.convert("L")).std() > 5
     assert aupro_at(maps, gts)[0.3] > 0.3  # the plotted curve is not degenerate
     assert math.isfinite(curve.area(0.3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Paper-style tables gathered from `mafr eval --json` files
+# --------------------------------------------------------------------------------------------------
+def _eval_summary(category, base, grid_shift=-0.02):
+    """A metrics file exactly as `mafr eval --json` writes it."""
+    return {"category": category, "checkpoint": f"{category}.safetensors", "model_id": "lite-x",
+            "i_auroc": base, "p_auroc": base + 0.05, "aupro": base - 0.03,
+            "aupro_limits": {f"{l:g}": base - l / 10 for l in LIMITS},
+            "grid": {"p_auroc": base + 0.05 + grid_shift, "aupro": base - 0.03 + grid_shift,
+                     "aupro_limits": {f"{l:g}": base - l / 10 + grid_shift for l in LIMITS}},
+            "n_good": 3, "n_defect": 12, "seconds_per_image": 0.2, "device": "cpu"}
+
+
+def _tables(text):
+    """{heading: {row name: cells}} and the header of each table of a write_tables Markdown file."""
+    out, headers, current = {}, {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = line[3:]
+            out[current] = {}
+        elif line.startswith("|") and current:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] == "Method":
+                headers[current] = cells
+            elif not cells[0].startswith(":--"):
+                out[current][cells[0]] = cells[1:]
+    return out, headers
+
+
+def test_table_of_several_runs_has_the_papers_layout(tmp_path):
+    from mafr_ros.report import table_from_paths
+
+    run_a, run_b = tmp_path / "mafr", tmp_path / "ablation"
+    for run, shift in ((run_a, 0.0), (run_b, -0.1)):
+        # classes written out of order: the table uses the MVTec 3D-AD order
+        for category, base in (("rope", 0.9), ("bagel", 0.8), ("cable_gland", 0.7)):
+            (run / category).mkdir(parents=True)
+            (run / category / "metrics.json").write_text(json.dumps(_eval_summary(category, base + shift)))
+    md_path, json_path = table_from_paths([run_a, run_b], tmp_path / "t" / "table.md",
+                                          names=["MAFR", "no census"], title="MVTec 3D-AD")
+    tables, headers = _tables(md_path.read_text())
+    assert list(tables) == ["I-AUROC", "P-AUROC, original resolution", "P-AUROC, model grid",
+                            "AUPRO@30%, original resolution", "AUPRO@30%, model grid",
+                            "AUPRO@10%, original resolution", "AUPRO@10%, model grid",
+                            "AUPRO@5%, original resolution", "AUPRO@5%, model grid",
+                            "AUPRO@1%, original resolution", "AUPRO@1%, model grid"]
+    assert all(h == ["Method", "bagel", "cable_gland", "rope", "Mean"] for h in headers.values())
+    assert tables["I-AUROC"]["MAFR"] == ["0.800", "0.700", "0.900", "0.800"]
+    assert tables["I-AUROC"]["no census"] == ["0.700", "0.600", "0.800", "0.700"]
+    assert tables["P-AUROC, model grid"]["MAFR"] == ["0.830", "0.730", "0.930", "0.830"]
+    assert tables["AUPRO@1%, original resolution"]["MAFR"][0] == "0.799"
+    assert tables["AUPRO@30%, model grid"]["no census"][2] == f"{0.8 - 0.03 - 0.02:.3f}"
+
+    doc = json.loads(json_path.read_text())
+    assert doc["classes"] == ["bagel", "cable_gland", "rope"] and doc["runs"] == ["MAFR", "no census"]
+    grid30 = next(t for t in doc["tables"] if t["key"] == "aupro" and t["limit"] == 0.3
+                  and t["resolution"] == "grid")
+    assert grid30["rows"][0]["mean"] == pytest.approx(np.mean([0.8, 0.7, 0.9]) - 0.03 - 0.02)
+    assert grid30["rows"][1]["values"]["rope"] == pytest.approx(0.8 - 0.03 - 0.02)
+    assert doc["sources"]["MAFR"][0].endswith("bagel/metrics.json")
+
+
+def test_table_cli_marks_missing_classes_and_refuses_bad_input(tmp_path):
+    from mafr_ros.cli import main
+
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps(_eval_summary("cable_gland", 0.75)))
+    partial = tmp_path / "b"
+    partial.mkdir()
+    (partial / "x.json").write_text(json.dumps(_eval_summary("carrot", 0.6)))
+    # a report.json of `mafr eval --report` is read as well
+    write_report([_metrics("cable_gland", 0.5)], partial / "rep", "r")
+    assert main(["table", str(good), str(partial), "--out", str(tmp_path / "t.md")]) == 0
+    tables, headers = _tables((tmp_path / "t.md").read_text())
+    assert headers["I-AUROC"] == ["Method", "cable_gland", "carrot", "Mean"]
+    assert tables["I-AUROC"]["a"] == ["0.750", "–", "–"]  # a missing class: no mean
+    assert tables["I-AUROC"]["b"] == ["0.500", "0.600", "0.550"]
+    assert tables["P-AUROC, model grid"]["b"][0] == "–"  # the report had no grid numbers
+
+    (partial / "dup.json").write_text(json.dumps(_eval_summary("carrot", 0.1)))
+    with pytest.raises(InputError, match="appears twice"):
+        from mafr_ros.report import table_from_paths
+        table_from_paths([partial], tmp_path / "u.md")
+    (tmp_path / "junk.json").write_text(json.dumps({"loss": 1.0}))
+    assert main(["table", str(tmp_path / "junk.json"), "--out", str(tmp_path / "v.md")]) == 1
+    with pytest.raises(InputError, match="2 names for 1 runs"):
+        table_from_paths([good], tmp_path / "w.md", names=["x", "y"])
