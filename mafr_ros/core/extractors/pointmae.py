@@ -167,8 +167,10 @@ class PointMAEExtractor(FeatureExtractor):
     encoder_chunk = 256
 
     def __init__(self, weights: str | Path | None = None, random_init: bool = False,
-                 n_groups: int = 1024, group_size: int = 128):
+                 n_groups: int = 1024, group_size: int = 128, grid: int | None = None):
         super().__init__()
+        # ``grid`` is part of the common extractor interface (Detector.build passes it to every
+        # extractor); the output is always on the grid of the input xyz, so it is not needed here.
         # The network does not depend on these two (MAFR uses 1024 x 128); smaller values only
         # serve quick tests and experiments.
         self.n_groups = int(n_groups)
