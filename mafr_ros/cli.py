@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--census", choices=["soft", "reference"], default=None,
                    help="census loss form: true soft census (default) or the reference's local mean")
     p.add_argument("--no-mask", action="store_true", help="do not mask invalid pixels in the loss")
-    p.add_argument("--fusion", choices=["product", "sum", "max"], default=None)
+    p.add_argument("--fusion", choices=["product", "sum", "max", "2d", "3d"], default=None,
+                   help="how the 2D and 3D errors combine (default product; 2d/3d: one alone)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

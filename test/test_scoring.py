@@ -173,3 +173,14 @@ def test_anomaly_maps_compose_the_reference_pipeline():
     np.testing.assert_allclose(scores.numpy(), image_score(want).numpy(), rtol=1e-12)
     peak = np.unravel_index(maps[0].argmax().item(), (24, 24))
     assert 9 <= peak[0] <= 14 and 9 <= peak[1] <= 14
+
+
+def test_single_modality_fusion_modes_keep_one_error_and_the_mask():
+    from mafr_ros.core.scoring import fuse_maps
+
+    r2d = torch.rand(2, 5, 5) + 0.1
+    r3d = torch.rand(2, 5, 5) + 0.1
+    mask = torch.rand(2, 5, 5) > 0.3
+    assert torch.equal(fuse_maps(r2d, r3d, "2d", mask), torch.where(mask, r2d, torch.zeros(())))
+    assert torch.equal(fuse_maps(r2d, r3d, "3d", mask), torch.where(mask, r3d, torch.zeros(())))
+    assert torch.equal(fuse_maps(r2d, r3d, "3d"), r3d)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FUSION_MODES = ("product", "sum", "max")
+# "2d" / "3d": one modality's error alone (ablations: what each modality contributes).
+FUSION_MODES = ("product", "sum", "max", "2d", "3d")
 IMAGE_SCORE_MODES = ("reference", "max", "topk")
 SMOOTHING_MODES = ("gaussian", "box_cascade", "none")
 PADDING_MODES = ("reflect", "nearest", "constant")
@@ -60,6 +61,7 @@ def fuse_maps(r2d: torch.Tensor, r3d: torch.Tensor, mode: str = "product",
     single-modality noise and is independent of each modality's scale up to a global factor.
     sum / max: flag defects visible in only one modality, but mix the two error scales, so they
     are only sensible when both maps are on comparable scales.
+    2d / 3d: one modality's error alone (still zeroed where there is no 3D feature), for ablations.
     mask: the 3D feature validity (``nonempty_feature_mask``); without a 3D feature a pixel has
     no 3D error to fuse.
     """
@@ -71,6 +73,10 @@ def fuse_maps(r2d: torch.Tensor, r3d: torch.Tensor, mode: str = "product",
         fused = r2d + r3d
     elif mode == "max":
         fused = torch.maximum(r2d, r3d)
+    elif mode == "2d":
+        fused = r2d
+    elif mode == "3d":
+        fused = r3d
     else:
         raise ValueError(f"unknown fusion mode {mode!r}; choose one of {FUSION_MODES}")
     if mask is not None:
