@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Ablation of MAFR's design choices, as one table, on synthetic parts and on the real MVTec 3D-AD
+cable_gland subset (smoke test: its 60 training and 15 test images).
+
+    python scripts/ablation.py --out runs/ablation [--datasets synthetic cable_gland]
+                               [--epochs-synthetic 8] [--epochs-real 5] [--profile lite]
+
+Variants, and what each costs:
+
+- scoring only (one trained model, the same restored features scored differently, no training):
+  fused product (the paper) / 2D error only / 3D error only / sum / max;
+- training (one model each, same seed, same cached features, same epochs): all losses (the package
+  default: similarity + soft census + local-mean anchor + smoothness, invalid pixels masked) /
+  similarity only / soft census only / the reference's local-mean "census" instead of the true
+  soft census / invalid-pixel masking off.
+
+The frozen features of each dataset are computed once and shared by every variant (the backbones
+are frozen, so they do not depend on the variant); the heads are trained by ``train.train_heads``
+and scored with the same functions as ``Detector``/``mafr eval`` (``core.scoring``,
+``evaluate.compute_metrics``: I-AUROC, P-AUROC and AUPRO at the original image resolution).
+Epochs are reduced from the profile default (40 for lite) so that the whole table fits in a CPU
+budget; they are stated in the output. Results: OUT/ablation.md and OUT/ablation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CABLE_GLAND_ROOT = REPO.parent / "shared" / "data" / "mvtec3d"
+
+SCORING_VARIANTS = (("fused: product (paper)", "product"), ("2D only", "2d"), ("3D only", "3d"),
+                    ("fused: sum", "sum"), ("fused: max", "max"))
+LOSS_VARIANTS = (
+    ("all losses (default)", {}),
+    ("similarity (ZNSSD) only", {"w_census": 0.0, "w_local_mean": 0.0, "w_smoothness": 0.0}),
+    ("soft census only", {"w_similarity": 0.0, "w_local_mean": 0.0, "w_smoothness": 0.0}),
+    ("reference local-mean 'census' instead of soft census", {"census": "reference"}),
+    ("invalid-pixel masking off", {"mask_invalid": False}),
+)
+
+
+def _features(detector, inputs):
+    from mafr_ros.train import cache_features
+
+    return cache_features(detector, inputs, batch_size=4)
+
+
+def _score(detector, heads, feats, run_base, modes, category, batch=4):
+    """Metrics of ``heads`` on cached test features for every fusion mode in ``modes``."""
+    from mafr_ros.core.scoring import fuse_maps, restoration_errors, smooth_maps
+    from mafr_ros.data.preprocess import map_to_input
+    from mafr_ros.evaluate import compute_metrics
+
+    f2d_all, f3d_all, mask_all = feats
+    device = detector.device
+    errors = []
+    heads.eval()
+    with torch.no_grad():
+        for start in range(0, f2d_all.shape[0], batch):
+            f2d = f2d_all[start:start + batch].to(device, torch.float32)
+            f3d = f3d_all[start:start + batch].to(device, torch.float32)
+            mask = mask_all[start:start + batch].to(device)
+            rec2d, rec3d = heads.forward_grid(f2d, f3d, mask)
+            errors.append((restoration_errors(f2d, rec2d), restoration_errors(f3d, rec3d), mask))
+    out = {}
+    for mode in modes:
+        maps, scores = [], []
+        for r2d, r3d, mask in errors:
+            smoothed = smooth_maps(fuse_maps(r2d, r3d, mode, mask), detector.scoring_cfg)
+            maps.append(smoothed.cpu().numpy())
+            scores.append(detector.image_scores(smoothed).cpu().numpy())
+        grid_maps = np.concatenate(maps)
+        run = dict(run_base, grid_maps=grid_maps, scores=np.concatenate(scores),
+                   full_maps=[map_to_input(m, i.frame).astype(np.float32)
+                              for m, i in zip(grid_maps, run_base["inputs"])],
+                   seconds_per_image=float("nan"))
+        metrics = compute_metrics(category, run)
+        out[mode] = {"i_auroc": metrics.i_auroc, "p_auroc": metrics.p_auroc,
+                     "aupro": metrics.aupro[0.3], "aupro_0.01": metrics.aupro[0.01],
+                     "grid_p_auroc": metrics.extra["grid"]["p_auroc"],
+                     "grid_aupro": metrics.extra["grid"]["aupro"][0.3]}
+    return out
+
+
+def run_dataset(name, root, category, epochs, profile, cache, train_shots=None, log=print) -> dict:
+    from mafr_ros.core.detector import Detector
+    from mafr_ros.core.heads import FusionRestorationHeads
+    from mafr_ros.core.losses import LossConfig
+    from mafr_ros.core.profiles import get_profile
+    from mafr_ros.data.formats import open_dataset
+    from mafr_ros.data.preprocess import preprocess_sample
+    from mafr_ros.train import TrainConfig, seed_everything, train_heads
+
+    started = time.time()
+    train_set = open_dataset(root, category, "train", shots=train_shots)
+    test_set = open_dataset(root, category, "test")
+    detector = Detector.build(profile)
+    cfg_pre = detector.preprocess_cfg
+    train_inputs = [preprocess_sample(train_set[i], cfg_pre, cache) for i in range(len(train_set))]
+    test_samples = [test_set[i] for i in range(len(test_set))]
+    test_inputs = [preprocess_sample(s, cfg_pre, cache) for s in test_samples]
+    train_feats = _features(detector, train_inputs)
+    test_feats = _features(detector, test_inputs)
+    feature_seconds = time.time() - started
+    log(f"{name}: {len(train_inputs)} train / {len(test_inputs)} test images, features in "
+        f"{feature_seconds:.0f} s")
+    run_base = {"samples": test_samples, "inputs": test_inputs,
+                "labels": np.array([s.label for s in test_samples])}
+    base_loss = {**LossConfig().to_dict(), **dict(get_profile(profile).loss_overrides)}
+    results = {"scoring": {}, "training": {}}
+    for label, overrides in LOSS_VARIANTS:
+        seed_everything(115)
+        detector.heads = FusionRestorationHeads(**detector.metadata["heads"]).to(detector.device)
+        cfg = TrainConfig(profile=profile, epochs=epochs, progress=False,
+                          loss=LossConfig.from_dict({**base_loss, **overrides}))
+        t0 = time.time()
+        history = train_heads(detector, *train_feats, cfg)
+        seconds = time.time() - t0
+        modes = [m for _, m in SCORING_VARIANTS] if not overrides else ["product"]
+        scored = _score(detector, detector.heads, test_feats, run_base, modes, category)
+        results["training"][label] = dict(scored["product"], train_seconds=seconds,
+                                          final_loss=history[-1])
+        if not overrides:
+            results["scoring"] = {lab: scored[mode] for lab, mode in SCORING_VARIANTS}
+        log(f"{name} / {label}: I-AUROC {scored['product']['i_auroc']:.3f} P-AUROC "
+            f"{scored['product']['p_auroc']:.3f} AUPRO {scored['product']['aupro']:.3f} ({seconds:.0f} s)")
+    return {"name": name, "root": str(root), "category": category, "epochs": epochs,
+            "n_train": len(train_inputs), "n_test": len(test_inputs),
+            "n_good": int((run_base["labels"] == 0).sum()), "n_defect": int((run_base["labels"] == 1).sum()),
+            "feature_seconds": feature_seconds, "seconds": time.time() - started, "results": results}
+
+
+def table(datasets: list[dict]) -> str:
+    metrics = (("I-AUROC", "i_auroc"), ("P-AUROC", "p_auroc"), ("AUPRO@30%", "aupro"))
+    header = ["group", "variant"] + [f"{d['name']} {m}" for d in datasets for m, _ in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|:--|:--|" + "--:|" * (len(header) - 2)]
+    groups = [("scoring (one model)", [lab for lab, _ in SCORING_VARIANTS], "scoring"),
+              ("training", [lab for lab, _ in LOSS_VARIANTS], "training")]
+    for group, labels, key in groups:
+        for lab in labels:
+            cells = []
+            for d in datasets:
+                entry = d["results"][key].get(lab, {})
+                cells += [f"{entry[k]:.3f}" if k in entry else "–" for _, k in metrics]
+            lines.append(f"| {group} | {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--datasets", nargs="+", default=["synthetic", "cable_gland"],
+                        choices=["synthetic", "cable_gland"])
+    parser.add_argument("--profile", default="lite", choices=["lite", "paper"])
+    parser.add_argument("--epochs-synthetic", type=int, default=8)
+    parser.add_argument("--epochs-real", type=int, default=5)
+    parser.add_argument("--synthetic-train", type=int, default=30)
+    parser.add_argument("--train-shots", type=int, default=None,
+                        help="only this many training images (development runs)")
+    args = parser.parse_args(argv)
+
+    from mafr_ros.data.preprocess import PreprocessCache
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache = PreprocessCache(out / "cache")
+    started = time.time()
+    done = []
+    for name in args.datasets:
+        if name == "synthetic":
+            from mafr_ros.data.synthetic import generate_dataset
+
+            root, category, epochs = out / "data", "gland", args.epochs_synthetic
+            if not (root / category).is_dir():
+                generate_dataset(root, seed=0, categories=[category], n_train=args.synthetic_train)
+        else:
+            root, category, epochs = CABLE_GLAND_ROOT, "cable_gland", args.epochs_real
+        done.append(run_dataset(name, root, category, epochs, args.profile, cache, args.train_shots,
+                                log=lambda m: print(m, flush=True)))
+    cpu = "unknown CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-"
+    settings = [f"{d['name']}: {d['root']} / {d['category']}, {d['n_train']} training images, "
+                f"{d['n_test']} test images ({d['n_good']} good, {d['n_defect']} defective), "
+                f"{d['epochs']} epochs per trained variant, {d['seconds']:.0f} s" for d in done]
+    machine = (f"profile {args.profile}; machine {cpu}, {os.cpu_count()} cores, GPU {gpu}, torch "
+               f"{torch.__version__}, Python {platform.python_version()}, OMP_NUM_THREADS="
+               f"{os.environ.get('OMP_NUM_THREADS', '-')}; total {time.time() - started:.0f} s")
+    text = (table(done) + "\n\n" + "\n".join(f"- {s}" for s in settings) + f"\n- {machine}\n")
+    (out / "ablation.md").write_text(text)
+    (out / "ablation.json").write_text(json.dumps({"datasets": done, "machine": machine}, indent=2,
+                                                  default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
