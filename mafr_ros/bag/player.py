@@ -155,6 +155,8 @@ class BagPlayer:
         info = bag_info(self.bag_path)
         self.start_ns, self.end_ns = info.start_ns, info.end_ns
         available = {t.name: t.msgtype for t in info.topics}
+        if not available or info.message_count == 0:
+            raise InputError(f"bag {self.bag_path} holds no messages: nothing to play")
         unknown = [t for t in (self._topic_filter or []) + self._exclude if t not in available]
         if unknown:
             raise InputError(f"bag {self.bag_path} has no topic {', '.join(unknown)}; its topics "
@@ -192,8 +194,9 @@ class BagPlayer:
 
     @staticmethod
     def _mean_frame_gap_ns(info) -> int:
+        # A bag of one frame has no rate: its loop repeats once a (bag) second.
         frames = max((t.count for t in info.topics), default=0)
-        return int(info.duration_ns / (frames - 1)) if frames > 1 else 0
+        return int(info.duration_ns / (frames - 1)) if frames > 1 else 1_000_000_000
 
     def messages(self) -> Iterator[BagMessage]:
         """One pass over the played messages (topics/exclude/start_offset applied), raw."""
