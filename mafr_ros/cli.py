@@ -89,10 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_common(p)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a test split (I-AUROC, P-AUROC, AUPRO)")
-    p.add_argument("--dataset", required=True, type=Path, help="dataset ROOT")
-    p.add_argument("--category", required=True)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a test split or a bag with ground "
+                                    "truth (I-AUROC, P-AUROC, AUPRO)",
+                       description="Evaluate a checkpoint on a dataset split (--dataset, --category) "
+                                   "or on a bag written by `mafr bag make` (--bag): directly (read "
+                                   "-> detector -> metrics) or, with --live, through the node "
+                                   "(a node process fed the bag in lockstep, its results scored).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", type=Path, help="dataset ROOT")
+    source.add_argument("--bag", type=Path, help="rosbag2 folder with ground truth (mafr bag make)")
+    p.add_argument("--category", help="object class (with --dataset; a bag names its own)")
     p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--live", action="store_true",
+                   help="with --bag: start the node, replay the bag into it one frame at a time "
+                        "and score its ~/anomaly results (frames it does not answer are reported)")
+    p.add_argument("--frame-timeout", type=float, default=60.0,
+                   help="with --live: seconds to wait for the node's answer to one frame")
     p.add_argument("--format", choices=["auto", "mvtec", "eyecandies"], default="auto",
                    help="dataset layout (auto: detected from the folders)")
     p.add_argument("--json", type=Path, default=None,
@@ -193,8 +205,15 @@ def _cmd_train(args):
 
 
 def _cmd_eval(args):
+    from .errors import InputError
     from .evaluate import evaluate
     weights = {k: str(v) for k, v in (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v}
+    if args.live and args.bag is None:
+        raise InputError("--live replays a bag into the node: give --bag BAG")
+    if args.bag is not None:
+        return _cmd_eval_bag(args, weights)
+    if not args.category:
+        raise InputError("--dataset needs --category (the object class folder under ROOT)")
     summary = evaluate(args.checkpoint, args.dataset, args.category, out_dir=args.report,
                        json_path=args.json, device=args.device, split=args.split,
                        cache_dir=args.cache_dir, backbone_weights=weights or None,
@@ -203,6 +222,31 @@ def _cmd_eval(args):
                      indent=2))
     if "report" in summary:
         print(f"report: {summary['report']}")
+
+
+def _cmd_eval_bag(args, weights):
+    from .bag.evaluate import evaluate_bag, evaluate_bag_live
+    from .errors import InputError
+    if args.live:
+        if weights:
+            raise InputError("--live runs the node, which loads the backbone files recorded in the "
+                             "checkpoint; --rgb-weights/--xyz-weights apply to direct evaluation")
+        summary = evaluate_bag_live(args.bag, args.checkpoint, out_dir=args.report,
+                                    json_path=args.json, device=args.device,
+                                    frame_timeout=args.frame_timeout)
+    else:
+        summary = evaluate_bag(args.bag, args.checkpoint, out_dir=args.report, json_path=args.json,
+                               device=args.device, backbone_weights=weights or None)
+    print(json.dumps({k: summary[k] for k in ("mode", "category", "model_id", "n_frames",
+                                              "i_auroc", "p_auroc", "aupro")}, indent=2))
+    if "report" in summary:
+        print(f"report: {summary['report']}")
+    if summary.get("n_missing"):
+        print(f"mafr eval: {summary['n_missing']} of {summary['n_frames']} frames got no result "
+              "from the node (left out of the metrics): " + "; ".join(
+                  f"{m['name']}: {m['reason']}" for m in summary["missing"][:5]), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_table(args):
@@ -242,11 +286,11 @@ def main(argv=None) -> int:
                         format="[%(levelname)s] %(name)s: %(message)s")
     from .errors import MafrError
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)  # None, or an exit code (mafr eval --live: missing)
     except MafrError as exc:
         print(f"mafr {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

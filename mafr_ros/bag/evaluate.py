@@ -181,11 +181,12 @@ def read_bag_samples(bag, bag_layout: BagLayout | None = None,
         index += 1
 
 
-def _category(bag_layout: BagLayout, samples, detector) -> str:
+def _category(bag_layout: BagLayout, samples, fallback: str | None) -> str:
+    """The frames' category (/mafr/sample), else the bag's metadata, else ``fallback``."""
     for sample in samples:
         if sample.category:
             return sample.category
-    return bag_layout.category or detector.metadata.get("category") or "unknown"
+    return bag_layout.category or fallback or "unknown"
 
 
 def _frames_table(samples, scores, missing=()) -> list[dict]:
@@ -219,7 +220,7 @@ def evaluate_bag(bag, checkpoint, out_dir=None, json_path=None, device: str = "a
                         progress=progress, total=bag_layout.frames)
     if not run["samples"]:
         raise InputError(f"bag {bag} holds no frame to evaluate")
-    category = _category(bag_layout, run["samples"], detector)
+    category = _category(bag_layout, run["samples"], detector.metadata.get("category"))
     metrics = compute_metrics(category, run)
     th = detector.thresholds
     return write_evaluation(
@@ -228,3 +229,128 @@ def evaluate_bag(bag, checkpoint, out_dir=None, json_path=None, device: str = "a
         json_path=json_path, overlays=overlays,
         extra={"mode": "direct", "bag": str(Path(bag)), "n_frames": len(run["samples"]),
                "frames": _frames_table(run["samples"], run["scores"])})
+
+
+def _heatmap_array(msg) -> np.ndarray:
+    from ..ros import conversions
+    return conversions.image_to_array(msg, copy=True).astype(np.float32, copy=False)
+
+
+def evaluate_bag_live(bag, checkpoint=None, out_dir=None, json_path=None, device: str = "auto",
+                      overlays: int = 12, progress: bool = True, namespace: str | None = None,
+                      frame_timeout: float = 60.0, startup_timeout: float = 300.0,
+                      node_params: dict | None = None, log_path=None) -> dict:
+    """Live evaluation: the node in its own process, the bag replayed into it in lockstep, its
+    ``~/anomaly`` results (raw score, normalised heatmap at input resolution) scored with the
+    shared metrics. With ``out_dir`` the node's results are also recorded as a rosbag2
+    (``out_dir/node_results``) and its log kept (``out_dir/node.log``).
+
+    ``namespace``: run the node there (the bag's camera topics are remapped to it); default the
+    bag's own namespace. Frames the node did not answer are listed in ``missing`` (with the
+    node's reason) and left out of the metrics; the summary says how many.
+    Returns the summary of :func:`mafr_ros.evaluate.write_evaluation` plus ``mode`` ("live"),
+    ``bag``, ``frames`` (per frame: index, name, stamp_ns, label, raw score or None),
+    ``n_frames``, ``n_missing``, ``missing``, ``node_log`` and ``timings``.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from ..core.checkpoint import read_metadata
+    from ..core.detector import default_model_path
+    from ..evaluate import compute_metrics, write_evaluation
+    from .live import LiveReplay, NodeProcess, node_params_for_evaluation
+
+    started = time.perf_counter()
+    bag_layout = inspect_bag(bag)
+    checkpoint = Path(checkpoint) if checkpoint else default_model_path()
+    meta = read_metadata(checkpoint)  # a clear CheckpointError before any process starts
+    topics = bag_layout.topics
+    played = [topics.camera_info, topics.points if bag_layout.has_points else topics.depth,
+              topics.rgb]
+    played = [t for t in played if t in _bag_topics(bag)]
+    remap = None
+    node_ns = layout.normalize_namespace(namespace) if namespace else topics.namespace
+    if node_ns != topics.namespace:
+        target = layout.topics_for(node_ns)
+        remap = {getattr(topics, role): getattr(target, role)
+                 for role in ("camera_info", "points", "depth", "rgb")
+                 if getattr(topics, role) in played}
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if log_path is None and out_dir is not None:
+        log_path = out_dir / "node.log"
+    params = node_params_for_evaluation(bag_layout.input_mode, checkpoint, device, node_params)
+
+    node = NodeProcess(node_ns, params, log_path)
+    outcomes, stats = [], None
+    try:
+        with LiveReplay(bag, node.node_name, topics=played, remap=remap,
+                        record=(out_dir / "node_results") if out_dir is not None else None) as replay:
+            replay.wait_ready(node, timeout=startup_timeout)
+            ready_s = time.perf_counter() - started
+            bar = tqdm(total=bag_layout.frames, desc="live", unit="frame", disable=not progress,
+                       leave=False)
+            outcomes, stats = replay.lockstep(node, timeout=frame_timeout,
+                                              on_frame=lambda _: bar.update())
+            bar.close()
+            replay.wait_acks(2.0)
+    finally:
+        code = node.stop()
+    if code not in (0, None):
+        log.warning("the node exited with code %s; its log: %s", code, node.log_path)
+
+    by_stamp = {o.stamp_ns: o for o in outcomes}
+    answered, scores, maps, missing, seconds = [], [], [], [], []
+    for sample in read_bag_samples(bag, bag_layout, with_xyz=False):
+        outcome = by_stamp.get(sample.stamp_ns)
+        if outcome is None or outcome.result is None:
+            missing.append((sample, outcome.reason if outcome else "not sent (the node had stopped)"))
+            continue
+        result = outcome.result
+        heat = result.heatmap
+        if (heat.width, heat.height) != (sample.rgb.shape[1], sample.rgb.shape[0]):
+            missing.append((sample, f"the result carries no {sample.rgb.shape[1]}x"
+                                    f"{sample.rgb.shape[0]} heatmap (got {heat.width}x{heat.height})"))
+            continue
+        answered.append(sample)
+        scores.append(float(result.score))
+        maps.append(_heatmap_array(heat))
+        seconds.append(result.processing_time.sec + result.processing_time.nanosec * 1e-9)
+    for sample, reason in missing:
+        log.warning("frame %s (%s) has no result from the node: %s", sample.index, sample.name,
+                    reason)
+    if not answered:
+        raise InputError(f"the node answered none of the {len(missing)} frames of {bag}; first "
+                         f"reason: {missing[0][1] if missing else 'no frames'}; node log: "
+                         f"{node.log_path}\n{node.log_tail(1500)}")
+    run = {"samples": answered, "scores": np.asarray(scores, dtype=np.float64),
+           "labels": np.array([s.label for s in answered]), "full_maps": maps,
+           "seconds_per_image": float(np.median(seconds))}
+    category = _category(bag_layout, answered, meta.get("category"))
+    metrics = compute_metrics(category, run)
+    missing_rows = [{"index": s.index, "name": s.name, "stamp_ns": s.stamp_ns, "reason": r}
+                    for s, r in missing]
+    return write_evaluation(
+        run, metrics, checkpoint=checkpoint, model_id=answered_model_id(outcomes, meta),
+        device=device, pixel_threshold=0.5, out_dir=out_dir, json_path=json_path,
+        overlays=overlays,
+        extra={"mode": "live", "bag": str(Path(bag)), "n_frames": len(answered) + len(missing),
+               "n_missing": len(missing), "missing": missing_rows, "node_log": str(node.log_path),
+               "maps": "normalised heatmaps of ~/anomaly (0.5 = pixel threshold)",
+               "timings": {"node_ready_s": round(ready_s, 2),
+                           "replay_s": round(stats.seconds, 2) if stats else None,
+                           "total_s": round(time.perf_counter() - started, 2)},
+               "frames": _frames_table(answered, scores, missing)})
+
+
+def answered_model_id(outcomes, meta: dict) -> str:
+    """The model id the node reported (falls back to the checkpoint's)."""
+    for outcome in outcomes:
+        if outcome.result is not None and outcome.result.model_id:
+            return outcome.result.model_id
+    return meta.get("model_id", "?")
+
+
+def _bag_topics(bag) -> set[str]:
+    from .reader import bag_info
+    return {t.name for t in bag_info(bag).topics}
