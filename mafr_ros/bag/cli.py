@@ -23,7 +23,7 @@ examples:
   mafr bag info bags/gland
   mafr node --ros-args -r __ns:=/camera &
   mafr bag play bags/gland --rate 0.5 --clock
-  mafr bag record --out bags/results --topics /camera/mafr_node/anomaly --duration 30
+  mafr bag record --out bags/results --topics /camera/mafr/anomaly --duration 30
 """
 
 
