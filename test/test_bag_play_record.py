@@ -158,6 +158,9 @@ def test_loop_start_offset_remap_and_sigint(bag10, tmp_path):
     assert "stopped early" in pout and "/mafr/sample" in pout
     published = int(pout.split("published ")[1].split()[0])
     assert published >= 12
+    from mafr_ros.bag import bag_info
+    info = bag_info(tmp_path / "rec")
+    assert (info.storage_id, info.version, info.message_count) == ("mcap", 9, 12)
     # frames 0-2 lie in the first 0.25 s of the 10 Hz bag: each pass plays frames 3..6
     assert [i for i, _ in _sample_indexes(tmp_path / "rec", "/other/sample")] == [3, 4, 5, 6] * 3
 
@@ -305,7 +308,39 @@ def test_play_and_record_refuse_bad_arguments(bag5, tmp_path, capsys):
     assert "rate must be a positive factor" in capsys.readouterr().err
     assert main(["bag", "play", str(bag5), "--remap", "/mafr/sample=/x"]) == 1
     assert "must be FROM:=TO" in capsys.readouterr().err
+    assert main(["bag", "play", str(bag5), "--start-offset", "100"]) == 1
+    assert "no message to play after the start offset of 100.0 s" in capsys.readouterr().err
     assert main(["bag", "record", "--out", str(tmp_path / "r"), "--topics", "relative"]) == 1
     assert "must be absolute" in capsys.readouterr().err
     assert main(["bag", "record", "--out", str(bag5), "--topics", "/x"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_player_topic_selection_and_recorder_qos_adaptation(bag5, node, tmp_path):
+    """Played topics follow --topics/--exclude; the recorder subscribes best-effort to a
+    best-effort publisher and reliable to a reliable one (as ros2 bag record), unless forced."""
+    import rclpy
+    from rclpy.qos import ReliabilityPolicy
+
+    from mafr_ros.bag import BagPlayer, BagRecorder, player_qos
+
+    other = rclpy.create_node("bag_test_recorder", context=node.context)
+    try:
+        with BagPlayer(node, bag5, exclude=[TOPICS.points, TOPICS.depth]) as player:
+            assert set(player.topics) == set(TOPICS.types()) - {TOPICS.points, TOPICS.depth}
+        with BagPlayer(node, bag5, topics=[TOPICS.rgb], qos=player_qos("best_effort", 3)), \
+                BagPlayer(node, bag5, topics=[TOPICS.sample], remap=["/mafr/sample:=/s2"]):
+            cases = [(None, TOPICS.rgb, ReliabilityPolicy.BEST_EFFORT),
+                     (None, "/s2", ReliabilityPolicy.RELIABLE),
+                     ("best_effort", "/s2", ReliabilityPolicy.BEST_EFFORT)]
+            for i, (forced, topic, expected) in enumerate(cases):
+                recorder = BagRecorder(other, tmp_path / f"r{i}", [topic], reliability=forced)
+                deadline = time.monotonic() + 20
+                while recorder.poll() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert recorder.types == {topic: "sensor_msgs/msg/Image" if topic == TOPICS.rgb
+                                          else "std_msgs/msg/String"}
+                assert recorder._subscriptions[topic].qos_profile.reliability == expected
+                recorder.close()
+    finally:
+        other.destroy_node()

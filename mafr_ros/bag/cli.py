@@ -144,10 +144,16 @@ def _ros_node(name: str, stop: threading.Event):
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    def request_stop(*_):
+        # Not stop.set() here: the handler runs in the main thread, possibly while that thread
+        # holds the Event's internal lock inside stop.wait(), and the lock is not reentrant.
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     context = rclpy.Context()
-    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    # args=[]: rcl must not parse our own command line (it reads 'A:=B' of --remap as a global,
+    # deprecated remap rule of the process).
+    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node(name, context=context)
     try:
         yield node
