@@ -141,6 +141,8 @@ def test_content_round_trips_exactly(bag, request, synth_root):
     frames = list(read_frames(path))
     assert len(frames) == len(dataset) == N_FRAMES
     for index, frame in enumerate(frames):
+        # played in this order: camera_info reaches a node before the images it describes
+        assert [m.topic for m in frame.messages] == [topics.by_role()[r] for r in layout.FRAME_ORDER]
         msgs = {m.topic: store.deserialize_cdr(m.data, m.msgtype) for m in frame.messages}
         sample = dataset[index]
         info = json.loads(msgs[topics.sample].data)

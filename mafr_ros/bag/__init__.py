@@ -23,7 +23,7 @@ _EXPORTS = {
     "read_frames": "reader", "bag_info": "reader", "format_bag_info": "reader",
     "make_bag": "make", "MakeResult": "make",
     "BagPlayer": "player", "PlayStats": "player", "player_qos": "player",
-    "BagRecorder": "recorder",
+    "BagRecorder": "recorder", "RecordStats": "recorder",
 }
 
 __all__ = ["layout", *_EXPORTS]
