@@ -136,9 +136,11 @@ def test_play_to_record_keeps_every_message_in_order_and_timing(bag5, node, tmp_
     receive = [stamp for _, stamp in _sample_indexes(tmp_path / "rec")]
     assert [i for i, _ in _sample_indexes(tmp_path / "rec")] == list(range(N_FRAMES))
     assert receive == sorted(receive)
-    span = (receive[-1] - receive[0]) / 1e9
-    # 6 gaps of 0.2 s at rate 2 -> 0.6 s; never earlier than scheduled, late under load.
-    assert 0.55 < span < 2.0, span
+    # Frames 0.2 s apart in the bag, played at rate 2: 0.1 s apart. The median gap is robust to
+    # a message delivered late on a loaded machine (rate ignored: 0.2 s; no timing: ~0).
+    gaps = np.diff(receive) / 1e9
+    assert 0.07 < np.median(gaps) < 0.15, gaps
+    assert 0.4 < (receive[-1] - receive[0]) / 1e9 < 2.0, gaps
 
 
 def test_loop_start_offset_remap_and_sigint(bag10, tmp_path):
