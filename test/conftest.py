@@ -39,3 +39,7 @@ def cable_gland(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def kinect_dir(shared_data) -> Path:
     return shared_data / "kinect_rgbd"
+
+
+# The bag/node harness (test/bag_harness.py): fixtures `processes` and `synthetic_bags`.
+from bag_harness import processes, synthetic_bags  # noqa: E402,F401
