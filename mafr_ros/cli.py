@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--census", choices=["soft", "reference"], default=None,
                    help="census loss form: true soft census (default) or the reference's local mean")
     p.add_argument("--no-mask", action="store_true", help="do not mask invalid pixels in the loss")
+    p.add_argument("--loss-weight", action="append", default=[], metavar="TERM=W",
+                   help="weight of a loss term (similarity, census, smoothness, local_mean; 0 drops "
+                        "it), repeatable, e.g. --loss-weight census=0 (ablations)")
     p.add_argument("--fusion", choices=["product", "sum", "max", "2d", "3d"], default=None,
                    help="how the 2D and 3D errors combine (default product; 2d/3d: one alone)")
     p.add_argument("--target-fpr", type=float, default=0.01,
@@ -185,6 +188,19 @@ def _cmd_train(args):
         loss.census = args.census
     if args.no_mask:
         loss.mask_invalid = False
+    for item in args.loss_weight:
+        term, _, value = item.partition("=")
+        if term not in ("similarity", "census", "smoothness", "local_mean"):
+            raise SystemExit(f"mafr train: error: --loss-weight {item!r}: unknown term {term!r}; use "
+                             "similarity, census, smoothness or local_mean")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not weight >= 0:
+            raise SystemExit(f"mafr train: error: --loss-weight {item!r}: the weight must be a number "
+                             ">= 0, as in census=0.5")
+        setattr(loss, f"w_{term}", weight)
     scoring = ScoringConfig()
     if args.fusion:
         scoring.fusion = args.fusion
