@@ -151,6 +151,10 @@ def test_rgb_from_image_converts_channel_orders(encoding):
     out = rgb_from_image(msg)
     np.testing.assert_array_equal(out, rgb)
     assert out.flags.c_contiguous and not np.shares_memory(out, buffer_of(msg))
+    # copy=False: a view for rgb8 (padded rows stay strided), the same copy for the others.
+    uncopied = rgb_from_image(msg, copy=False)
+    np.testing.assert_array_equal(uncopied, rgb)
+    assert np.shares_memory(uncopied, buffer_of(msg)) == (encoding == "rgb8")
 
 
 def test_depth_from_image_units():

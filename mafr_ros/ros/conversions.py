@@ -243,11 +243,15 @@ def array_to_image(image: np.ndarray, encoding: str, header: Header | None = Non
     return msg
 
 
-def rgb_from_image(msg) -> np.ndarray:
-    """A new C-contiguous (H, W, 3) uint8 RGB array from an rgb8/bgr8/rgba8/bgra8/mono8 Image.
+def rgb_from_image(msg, copy: bool = True) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from an rgb8/bgr8/rgba8/bgra8/mono8 Image.
 
-    Always a copy (the model's input must not alias a message that may be reused), made one
-    channel at a time, which is several times faster than a channel-reversing slice copy.
+    By default a new C-contiguous array: the result must not alias a message that its owner may
+    reuse (a bag reader, a message pool). Made one channel at a time, which is several times
+    faster than a channel-reversing slice copy. ``copy=False`` returns, for an rgb8 image, the
+    zero-copy view over ``msg.data`` (strided when rows are padded) and saves that copy (0.4 ms at
+    640x480): for a caller that owns the message, such as a subscription callback's; other
+    encodings need the reordering copy anyway.
     """
     encoding = msg.encoding
     if encoding not in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1"):
@@ -257,6 +261,8 @@ def rgb_from_image(msg) -> np.ndarray:
             "convert it upstream, e.g. with image_proc)"
         )
     pixels = image_to_array(msg)
+    if not copy and encoding == "rgb8":
+        return pixels
     height, width = pixels.shape[:2]
     rgb = np.empty((height, width, 3), dtype=np.uint8)
     if pixels.ndim == 2:

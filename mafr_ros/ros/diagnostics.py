@@ -21,7 +21,8 @@ from typing import Iterable, Optional
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-__all__ = ["FAILURE_REASONS", "RateMeter", "WindowStats", "ThrottledReporter", "NodeDiagnostics"]
+__all__ = ["FAILURE_REASONS", "STAGES", "RateMeter", "WindowStats", "ThrottledReporter",
+           "NodeDiagnostics", "resident_set_mb"]
 
 #: Why a synchronised frame produced no result. Every reason is always reported (0 included), so
 #: a monitoring tool sees a stable set of keys.
@@ -38,6 +39,14 @@ FAILURE_REASONS = (
     "detector_input",        # the detector refused the frame (InputError)
     "internal_error",        # a bug: logged with its traceback
 )
+
+#: Where the time of a processed frame goes, in order (ms each, reported as stage.<name>_*_ms):
+#: input = input stamp -> set complete in the node (camera-side work after stamping, DDS transfer,
+#: taking and deserialising the messages; the node's clock against the camera's stamp, so only
+#: meaningful on one machine clock); wait = set complete -> worker starts it (latest-wins slot,
+#: the worker finishing the previous frame); convert = messages -> arrays and checks; detector =
+#: Detector.detect; regions = connected regions; publish = building and publishing AnomalyResult.
+STAGES = ("input", "wait", "convert", "detector", "regions", "publish")
 
 
 class RateMeter:
@@ -143,6 +152,7 @@ class NodeDiagnostics:
         self.latency_ms = WindowStats()
         self.processing_ms = WindowStats()
         self.overhead_ms = WindowStats()
+        self.stage_ms = {stage: WindowStats() for stage in STAGES}
         self.last_failure: Optional[str] = None
         self._failed_at_last_report = 0
         self._ready_since: Optional[float] = None
@@ -184,14 +194,18 @@ class NodeDiagnostics:
             self.rejected += 1
 
     def count_processed(self, latency_ms: float, processing_ms: float,
-                        overhead_ms: float = math.nan) -> None:
-        """A published result: stamp-to-publish latency, detector time, node overhead (ms)."""
+                        overhead_ms: float = math.nan,
+                        stages_ms: Optional[dict] = None) -> None:
+        """A published result: stamp-to-publish latency, detector time, node overhead (ms), and
+        optionally the time per stage (``{stage: ms}`` for names in :data:`STAGES`)."""
         with self._lock:
             self.processed += 1
             self.latency_ms.add(latency_ms)
             self.processing_ms.add(processing_ms)
             if math.isfinite(overhead_ms):
                 self.overhead_ms.add(overhead_ms)
+            for stage, value in (stages_ms or {}).items():
+                self.stage_ms[stage].add(value)
 
     # -- reading ------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -226,6 +240,8 @@ class NodeDiagnostics:
             lat_med, lat_p95 = self.latency_ms.summary()
             proc_med, proc_p95 = self.processing_ms.summary()
             over_med, over_p95 = self.overhead_ms.summary()
+            stages = {stage: stats.summary() for stage, stats in self.stage_ms.items()
+                      if len(stats)}
             rates = {topic: (meter.rate(now), meter.age(now), meter.count, meter.lost)
                      for topic, meter in self._rates.items()}
             state, info, last_failure = self.state, dict(self.info), self.last_failure
@@ -251,6 +267,12 @@ class NodeDiagnostics:
                    ("processing_median_ms", _fmt(proc_med)), ("processing_p95_ms", _fmt(proc_p95)),
                    ("node_overhead_median_ms", _fmt(over_med)),
                    ("node_overhead_p95_ms", _fmt(over_p95))]
+        for stage, (median, p95) in stages.items():
+            values += [(f"stage.{stage}_median_ms", _fmt(median, 2)),
+                       (f"stage.{stage}_p95_ms", _fmt(p95, 2))]
+        rss = resident_set_mb()
+        if rss is not None:
+            values.append(("rss_mb", f"{rss:.1f}"))
         if last_failure:
             values.append(("last_failure", last_failure))
         detector.values = [KeyValue(key=k, value=str(v)) for k, v in values]
@@ -288,5 +310,22 @@ class NodeDiagnostics:
         return array
 
 
-def _fmt(value: float) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.1f}"
+def resident_set_mb() -> Optional[float]:
+    """This process's resident set size in MiB (Linux /proc), None where unavailable."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * _PAGE_SIZE / 2 ** 20
+
+
+try:
+    import resource as _resource
+    _PAGE_SIZE = _resource.getpagesize()
+except ImportError:  # not POSIX
+    _PAGE_SIZE = 4096
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"

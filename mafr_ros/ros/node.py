@@ -64,6 +64,7 @@ from ..errors import CheckpointError, InputError, MafrError
 from ..geometry import depth_to_xyz, project_points_to_grid
 from . import conversions
 from .diagnostics import NodeDiagnostics, ThrottledReporter
+from .memory import keep_large_allocations_on_heap
 from .outputs import (Roi, anomaly_points_cloud, build_markers, build_result, find_regions,
                       full_resolution, heatmap_image, mask_image, overlay_image)
 from .sync import ApproximateTimeSync, header_stamp_ns
@@ -309,6 +310,15 @@ def _count_valid(xyz: np.ndarray) -> int:
     return int(np.count_nonzero((z > 0) & (z < np.inf)))
 
 
+def _count_valid_depth(depth: np.ndarray) -> int:
+    """_count_valid of depth_to_xyz(depth), from the compact depth image (5-10x cheaper than the
+    strided z channel): z = depth x a positive scale, so z > 0 and finite exactly where the depth
+    is; unsigned integer depth (16UC1, mono16) is valid wherever it is not 0."""
+    if depth.dtype.kind == "u":
+        return int(np.count_nonzero(depth))
+    return int(np.count_nonzero((depth > 0) & (depth < np.inf)))
+
+
 def _qos(reliability: str, depth: int) -> QoSProfile:
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth),
                       reliability=RELIABILITY[reliability])
@@ -515,7 +525,9 @@ class MafrNode(Node):
             self.get_logger().warning(f"time jumped back by {behind:.2f} s (looping bag or "
                                       "restarted clock?): restarting the stamp order")
         self._last_set_stamp = stamp
-        if self._slot.put(matched):
+        # Stamp -> set complete here, on the node's clock (the input stage of the diagnostics).
+        input_ms = (self.get_clock().now().nanoseconds - stamp) / 1e6
+        if self._slot.put((matched, time.perf_counter(), input_ms)):
             self._diag.count_dropped()
 
     def _fail(self, reason: str, message: str) -> None:
@@ -534,8 +546,11 @@ class MafrNode(Node):
             item = self._slot.take()
             if item is None:
                 return
+            (rgb_msg, other_msg), matched_at, input_ms = item
+            started_at = time.perf_counter()
+            stages = {"input": input_ms, "wait": (started_at - matched_at) * 1e3}
             try:
-                self._process(*item, started_at=time.perf_counter())
+                self._process(rgb_msg, other_msg, started_at, stages)
             except _FrameError as error:
                 self._fail(error.reason, str(error))
             except InputError as error:
@@ -545,7 +560,7 @@ class MafrNode(Node):
                     return
                 self._fail("internal_error", traceback.format_exc())
 
-    def _process(self, rgb_msg: Image, other_msg, started_at: float) -> None:
+    def _process(self, rgb_msg: Image, other_msg, started_at: float, stages: dict) -> None:
         cfg = self._config
         header = rgb_msg.header
         width, height = int(rgb_msg.width), int(rgb_msg.height)
@@ -555,10 +570,10 @@ class MafrNode(Node):
         except InputError as error:
             raise _FrameError("roi_outside_image", str(error)) from None
         if self._input_mode == "depth":
-            xyz = self._xyz_from_depth(other_msg, rgb_msg, roi)
+            xyz, valid = self._xyz_from_depth(other_msg, rgb_msg, roi)
         else:
             xyz = self._xyz_from_cloud(other_msg, rgb_msg, roi)
-        valid = _count_valid(xyz)
+            valid = _count_valid(xyz)
         if valid < cfg.min_valid_points:
             raise _FrameError("too_few_points",
                               f"only {valid} valid 3D points in the {roi.width}x{roi.height} "
@@ -569,12 +584,15 @@ class MafrNode(Node):
         if self._detector.thresholds != thresholds:  # an override changed since the last frame
             self._detector.thresholds = thresholds
         rows, cols = roi.slices
+        detector_at = time.perf_counter()
+        stages["convert"] = (detector_at - started_at) * 1e3
         detection = self._detector.detect(rgb[rows, cols], xyz)
         if detection.valid_fraction <= 0.0:
             raise _FrameError("no_part_found",
                               "no 3D point left after background removal (no part in view, or "
                               "the roi does not contain it); no result published")
-        self._publish(header, rgb, xyz, roi, detection, thresholds, cfg, started_at)
+        stages["detector"] = (time.perf_counter() - detector_at) * 1e3
+        self._publish(header, rgb, xyz, roi, detection, thresholds, cfg, started_at, stages)
 
     def _read_rgb(self, msg: Image) -> np.ndarray:
         if msg.encoding not in RGB_ENCODINGS:
@@ -582,7 +600,9 @@ class MafrNode(Node):
                               f"{self._topic_rgb}: image encoding '{msg.encoding}' is not "
                               f"supported; expected one of {', '.join(RGB_ENCODINGS)}")
         try:
-            return conversions.rgb_from_image(msg)
+            # No copy: the subscription's message is ours alone (a view costs nothing; the
+            # detector only reads it).
+            return conversions.rgb_from_image(msg, copy=False)
         except InputError as error:
             raise _FrameError("malformed_message", f"{self._topic_rgb}: {error}") from None
 
@@ -645,8 +665,10 @@ class MafrNode(Node):
             raise _FrameError("malformed_message", f"{self._topic_other}: {error}") from None
         intrinsics = self._intrinsics(rgb_msg).cropped(roi.x, roi.y, roi.width, roi.height)
         rows, cols = roi.slices
-        return depth_to_xyz(depth[rows, cols], intrinsics, depth_scale=scale,
-                            out=self._buffer((roi.height, roi.width, 3)))
+        depth = depth[rows, cols]
+        xyz = depth_to_xyz(depth, intrinsics, depth_scale=scale,
+                           out=self._buffer((roi.height, roi.width, 3)))
+        return xyz, _count_valid_depth(depth)
 
     def _xyz_from_cloud(self, msg: PointCloud2, rgb_msg: Image, roi: Roi) -> np.ndarray:
         rows, cols = roi.slices
@@ -669,10 +691,13 @@ class MafrNode(Node):
         return xyz
 
     def _publish(self, header, rgb, xyz, roi: Roi, detection, thresholds, cfg: _Config,
-                 started_at: float) -> None:
+                 started_at: float, stages: dict) -> None:
         width, height = rgb.shape[1], rgb.shape[0]
         crop_map = detection.normalized_map
+        regions_at = time.perf_counter()
         regions = find_regions(crop_map, xyz, cfg.min_area, offset=(roi.x, roi.y))
+        publish_at = time.perf_counter()
+        stages["regions"] = (publish_at - regions_at) * 1e3
         want_heatmap = cfg.publish_heatmap and self._pub_heatmap.get_subscription_count() > 0
         full_map = heat_msg = None
         if want_heatmap or cfg.heatmap_in_result or (
@@ -686,11 +711,13 @@ class MafrNode(Node):
         latency_s = (self.get_clock().now() - Time.from_msg(header.stamp)).nanoseconds / 1e9
         result.latency.sec, result.latency.nanosec = divmod(max(0, int(latency_s * 1e9)), 10 ** 9)
         self._pub_result.publish(result)
+        published_at = time.perf_counter()
+        stages["publish"] = (published_at - publish_at) * 1e3
         detector_ms = detection.timings_ms.get("total", math.nan)
         # The node's own work on this frame: conversions, checks, regions, the result message and
         # its publication (DDS transfer and waiting for the worker excluded).
-        overhead_ms = (time.perf_counter() - started_at) * 1e3 - detector_ms
-        self._diag.count_processed(latency_s * 1e3, detector_ms, overhead_ms)
+        overhead_ms = (published_at - started_at) * 1e3 - detector_ms
+        self._diag.count_processed(latency_s * 1e3, detector_ms, overhead_ms, stages)
 
         # Secondary outputs after the result: they never delay the answer a robot waits for.
         if want_heatmap:
@@ -750,6 +777,7 @@ def main(argv: Optional[list] = None) -> int:
               "(--ros-args -p name:=value); see --help", file=sys.stderr)
         return 2
 
+    keep_large_allocations_on_heap()  # frame-sized buffers without page faults (see memory.py)
     rclpy.init(args=["mafr_node", *args])
     node = None
     try:
