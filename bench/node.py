@@ -1,20 +1,33 @@
 #!/usr/bin/env python3
 """End-to-end benchmark of the mafr node over DDS (three processes: camera, node, observer).
 
-1. Latency: single 640x480 frames (the real Kinect frame, 16UC1 depth), one at a time. For each:
-   end-to-end latency = result received - input stamp (the camera stamps with the shared system
-   clock right before publishing), the detector's own time = AnomalyResult.processing_time, and
-   node overhead = the difference (DDS transfer of the inputs and of the result, conversions,
-   synchronisation, regions, result building). Median and p95. The node's own share without
-   DDS (its diagnostics' node_overhead_*_ms) is printed beside it.
-2. Sustained input: the camera publishes at 30 Hz for --duration seconds; the node's
-   /diagnostics give the processed / dropped split, the synchroniser's pending queues show
-   whether anything grows, and result latency early vs late in the run shows whether the node
-   falls behind (it must not: latest-wins drops instead of queueing).
+What is measured, and with which clock (all on the one machine clock, CLOCK_REALTIME):
 
-Usage: python bench/node.py [--frames 20] [--duration 60] [--checkpoint FILE] [--device cpu]
-Prints a Markdown table with the machine. DDS stays on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE)
-in a domain of its own.
+1. Latency, single 640x480 frames (the real Kinect frame, rgb8 + 16UC1 depth), one at a time:
+   * end to end = result arrival - input stamp. The camera process builds its messages first and
+     stamps them right before publishing; the observer takes the arrival time first thing in its
+     subscription callback. So the span is publish -> AnomalyResult received: the inputs' DDS
+     transfer and deserialisation, the node's work, the detector, the result's transfer.
+   * detector = AnomalyResult.processing_time (Detector.detect, measured by the detector).
+   * node overhead = end to end - detector: everything the node and the middleware add.
+   * its breakdown from the node's /diagnostics (stage.*: input = stamp -> set complete in the
+     node, wait = slot -> worker, convert, regions, publish) and the result's own transfer
+     (arrival - stamp - AnomalyResult.latency, the latter stamped by the node right before
+     publishing).
+2. Sustained input: the camera publishes at --rate Hz for --duration s. The node's /diagnostics
+   give the processed / dropped / failed split; the synchroniser's pending queues, the node's
+   resident set size and the result latency, each compared between the first and the last third
+   of the run, show whether anything grows (nothing may: latest-wins drops instead of queueing).
+
+Transport: --transport large-shm (default) runs every process with bench/fastdds_large_frames.xml
+(Fast DDS shared memory with a segment that holds whole frames; see the file for why);
+--transport default keeps Fast DDS's built-in transports (512 KiB shared-memory segments: 640x480
+rgb8 frames are then partly repaired by reliable retransmission, which shows as a long tail).
+
+Usage: python bench/node.py [--frames 20] [--duration 60] [--transport large-shm|default]
+       [--checkpoint FILE] [--device cpu]
+Prints Markdown tables with the machine and the load average before and after. DDS stays on
+loopback (ROS_AUTOMATIC_DISCOVERY_RANGE) in a domain of its own.
 """
 import argparse
 import os
@@ -28,16 +41,18 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 90 + 10))
 
 REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "bench" / "fastdds_large_frames.xml"
 sys.path.insert(0, str(REPO / "test" / "procs"))
 
 import numpy as np  # noqa: E402
 
-from node_harness import (CameraProcess, NodeProcess, Observer, diagnostic_values,  # noqa: E402
-                          stamp_ns)
-
 
 def _seconds(duration) -> float:
     return duration.sec + duration.nanosec * 1e-9
+
+
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _machine(device: str) -> str:
@@ -51,41 +66,71 @@ def _machine(device: str) -> str:
         pass
     import torch
     gpu = torch.cuda.get_device_name(0) if device != "cpu" and torch.cuda.is_available() else "-"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, load average {load}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.platform()}")
 
 
-def _pct(values, q):
+def _ms(values, q):
     return float(np.percentile(values, q)) * 1e3 if len(values) else float("nan")
+
+
+def _num(text, default=float("nan")) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return default
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=20, help="single frames for the latency phase")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of 30 Hz input")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of sustained input")
     parser.add_argument("--rate", type=float, default=30.0, help="input rate of the sustained phase")
+    parser.add_argument("--transport", default="large-shm", choices=["large-shm", "default"])
     parser.add_argument("--checkpoint", default="", help="default: the embedded lite model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--source", default="kinect", choices=["kinect", "synthetic"])
     args = parser.parse_args()
+    if args.transport == "large-shm":
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)  # node, camera and observer
+    else:
+        os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
 
+    from diagnostic_msgs.msg import DiagnosticArray
+    from node_harness import CameraProcess, NodeProcess, Observer, diagnostic_values, stamp_ns
+
+    from mafr_ros.msg import AnomalyResult
+
+    load_before = _load()
     ns = f"/bench_{os.getpid()}"
+    node_name = f"{ns}/mafr"
     params = {"qos.input.reliability": "reliable", "device": args.device,
               "diagnostics.period": 0.5}
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint
     log = Path(tempfile.mkdtemp(prefix="mafr_bench_")) / "node.log"
-    from diagnostic_msgs.msg import DiagnosticArray
-
-    from mafr_ros.msg import AnomalyResult
 
     observer = Observer("mafr_bench_observer")
-    result_topic = f"{ns}/mafr/anomaly"
+    result_topic = f"{node_name}/anomaly"
     observer.subscribe(AnomalyResult, result_topic)
     observer.subscribe(DiagnosticArray, "/diagnostics")
     node = NodeProcess(ns, params, log)
     camera = None
+
+    def node_status(after_ns: int = 0, before_ns: int = 2 ** 63):
+        """[(arrival_ns, detector values, input values)] of the node's /diagnostics."""
+        out = []
+        with observer._cond:
+            pairs = list(zip(observer.messages["/diagnostics"], observer.arrivals["/diagnostics"]))
+        for msg, arrived in pairs:
+            if not after_ns <= arrived < before_ns:
+                continue
+            found = diagnostic_values(msg, f"{node_name}: detector")
+            if found:
+                inputs = diagnostic_values(msg, f"{node_name}: inputs")
+                out.append((arrived, found[2], inputs[2] if inputs else {}))
+        return out
+
     try:
         camera = CameraProcess(ns)
         reply = camera.cmd(timeout=600, op="wait", topics=["rgb", "info", "depth"])
@@ -93,62 +138,83 @@ def main():
             raise SystemExit(f"the node did not come up:\n{node.log()}")
 
         # -- 1. latency, one frame at a time ---------------------------------------------------
-        e2e, detector, node_side = [], [], []
+        e2e, detector, result_transfer = [], [], []
         for i in range(args.frames + 1):
             stamp = camera.cmd(op="frame", source=args.source, stamp="now", info_delay=0.0)["sent"]
             result = observer.with_stamp(result_topic, stamp, timeout=300)
-            received = time.time_ns()
+            arrived = observer.arrival_of(result_topic, result)
             if i == 0:
                 continue  # first frame: lazy allocations on both sides
-            e2e.append((received - stamp) / 1e9)
+            e2e.append((arrived - stamp) / 1e9)
             detector.append(_seconds(result.processing_time))
-            node_side.append(_seconds(result.latency))
+            result_transfer.append((arrived - stamp) / 1e9 - _seconds(result.latency))
         overhead = np.array(e2e) - np.array(detector)
-
-        def detector_values():
-            for msg in reversed(list(observer.messages["/diagnostics"])):
-                found = diagnostic_values(msg, f"{ns}/mafr: detector")
-                if found:
-                    inputs = diagnostic_values(msg, f"{ns}/mafr: inputs")
-                    return found[2], inputs[2] if inputs else {}
-            return {}, {}
-
-        time.sleep(1.5)
-        # The node's own work per frame (its diagnostics: conversions, checks, regions, result).
-        before, _ = detector_values()
-        own = (before.get("node_overhead_median_ms", "nan"), before.get("node_overhead_p95_ms", "nan"))
+        time.sleep(1.5)  # the next /diagnostics covers every frame of this phase
+        latency_phase = node_status()[-1][1]
 
         # -- 2. sustained input -----------------------------------------------------------------
         n = int(round(args.duration * args.rate))
         started = time.time_ns()
         sent = camera.cmd(timeout=args.duration * 3 + 120, op="burst", n=n,
                           period=1.0 / args.rate, source=args.source)["sent"]
-        wall = (time.time_ns() - started) / 1e9
+        ended = time.time_ns()
+        wall = (ended - started) / 1e9
         time.sleep(max(3.0, 3 * float(np.median(detector))))  # let the last frame finish
-        after, inputs = detector_values()
-        sent_set = set(sent)
-        results = [m for m in list(observer.messages[result_topic])
-                   if stamp_ns(m.header.stamp) in sent_set]
-        late = [(stamp_ns(m.header.stamp) - sent[0]) / 1e9 for m in results]
-        lat = np.array([_seconds(m.latency) for m in results])
-        first = lat[np.array(late) < args.duration / 3] if len(lat) else lat
-        last = lat[np.array(late) > 2 * args.duration / 3] if len(lat) else lat
-        delta = {k: int(after.get(k, 0)) - int(before.get(k, 0))
-                 for k in ("frames_matched", "frames_processed", "frames_dropped", "frames_failed")}
-        pending = {k.split(" ", 1)[1]: v for k, v in inputs.items() if k.startswith("sync.pending")}
+        after = node_status()[-1][1]
+        run = node_status(started, ended)
+        third = (ended - started) // 3
+        early = [s for s in run if s[0] < started + third]
+        late = [s for s in run if s[0] >= ended - third]
 
-        print(f"\n## mafr node, end to end over DDS ({args.source} frame 640x480, "
-              f"{args.device}, reliable QoS)\n")
+        sent_set = set(sent)
+        with observer._cond:
+            pairs = list(zip(observer.messages[result_topic], observer.arrivals[result_topic]))
+        results = [(stamp_ns(m.header.stamp), arrived, m) for m, arrived in pairs
+                   if stamp_ns(m.header.stamp) in sent_set]
+        sus_e2e = np.array([(a - s) / 1e9 for s, a, _ in results])
+        sus_det = np.array([_seconds(m.processing_time) for _, _, m in results])
+        at = np.array([s - sent[0] for s, _, _ in results]) / 1e9
+        first = sus_e2e[at < args.duration / 3] if len(at) else sus_e2e
+        last = sus_e2e[at >= 2 * args.duration / 3] if len(at) else sus_e2e
+        delta = {k: int(after.get(k, 0)) - int(latency_phase.get(k, 0))
+                 for k in ("frames_matched", "frames_processed", "frames_dropped", "frames_failed")}
+
+        def pending(statuses):
+            return max((sum(int(v) for k, v in s[2].items() if k.startswith("sync.pending"))
+                        for s in statuses), default=-1)
+
+        def rss(statuses):
+            values = [_num(s[1].get("rss_mb")) for s in statuses]
+            return float(np.nanmedian(values)) if values else float("nan")
+
+        load_after = _load()
+        print(f"\n## mafr node, end to end over DDS ({args.source} frame 640x480 rgb8 + 16UC1, "
+              f"{args.device}, reliable QoS, transport {args.transport})\n")
         print(f"Machine: {_machine(args.device)}\n")
+        print(f"Load average (1, 5, 15 min): before {load_before}; after {load_after}\n")
         print(f"Model: {after.get('model_id', '?')}\n")
         print("| Latency, single frames (n = %d) | median ms | p95 ms |" % len(e2e))
         print("|---|---|---|")
-        print(f"| end to end (stamp -> result received) | {_pct(e2e, 50):.1f} | {_pct(e2e, 95):.1f} |")
-        print(f"| detector (processing_time) | {_pct(detector, 50):.1f} | {_pct(detector, 95):.1f} |")
-        print(f"| node overhead (difference) | {_pct(overhead, 50):.1f} | {_pct(overhead, 95):.1f} |")
-        print(f"| node-side latency (AnomalyResult.latency) | {_pct(node_side, 50):.1f} | "
-              f"{_pct(node_side, 95):.1f} |")
-        print(f"| node's own work per frame (diagnostics, DDS excluded) | {own[0]} | {own[1]} |")
+        print(f"| end to end (publish -> result received) | {_ms(e2e, 50):.1f} | "
+              f"{_ms(e2e, 95):.1f} |")
+        print(f"| detector (processing_time) | {_ms(detector, 50):.1f} | {_ms(detector, 95):.1f} |")
+        print(f"| **node overhead (difference)** | **{_ms(overhead, 50):.1f}** | "
+              f"**{_ms(overhead, 95):.1f}** |")
+        print(f"| ratio end to end / detector (medians) | "
+              f"{np.median(e2e) / np.median(detector):.3f} | |")
+        print("| breakdown of the overhead (node diagnostics, its clock): | | |")
+        for stage, what in (("input", "input: stamp -> set complete in the node (DDS + take)"),
+                            ("wait", "wait: set complete -> worker starts it"),
+                            ("convert", "convert: messages -> arrays, checks"),
+                            ("regions", "regions: connected regions of the map"),
+                            ("publish", "publish: build + publish AnomalyResult")):
+            print(f"| &nbsp; {what} | {latency_phase.get(f'stage.{stage}_median_ms', 'nan')} | "
+                  f"{latency_phase.get(f'stage.{stage}_p95_ms', 'nan')} |")
+        print(f"| &nbsp; result transfer: node publish -> observer callback | "
+              f"{_ms(result_transfer, 50):.2f} | {_ms(result_transfer, 95):.2f} |")
+        print(f"| node's own work (convert + regions + publish, diagnostics) | "
+              f"{latency_phase.get('node_overhead_median_ms', 'nan')} | "
+              f"{latency_phase.get('node_overhead_p95_ms', 'nan')} |")
         print()
         print(f"| Sustained input, {args.rate:g} Hz for {args.duration:g} s | value |")
         print("|---|---|")
@@ -157,11 +223,21 @@ def main():
         print(f"| processed (results) | {delta['frames_processed']} "
               f"({delta['frames_processed'] / max(1, delta['frames_matched']):.1%}), "
               f"{delta['frames_processed'] / wall:.2f} Hz |")
-        print(f"| dropped (latest wins) | {delta['frames_dropped']} |")
+        print(f"| dropped (latest wins) | {delta['frames_dropped']} "
+              f"({delta['frames_dropped'] / max(1, delta['frames_matched']):.1%}) |")
         print(f"| failed | {delta['frames_failed']} |")
-        print(f"| result latency median, first third / last third | {_pct(first, 50):.0f} / "
-              f"{_pct(last, 50):.0f} ms |")
-        print(f"| synchroniser pending at the end | {pending} |")
+        print(f"| unaccounted (matched - processed - dropped - failed) | "
+              f"{delta['frames_matched'] - delta['frames_processed'] - delta['frames_dropped'] - delta['frames_failed']} |")
+        print(f"| end-to-end latency median, first / last third | {_ms(first, 50):.0f} / "
+              f"{_ms(last, 50):.0f} ms |")
+        print(f"| end-to-end latency p95, first / last third | {_ms(first, 95):.0f} / "
+              f"{_ms(last, 95):.0f} ms |")
+        print(f"| end to end - detector, sustained (includes waiting for the busy worker), median | "
+              f"{_ms(sus_e2e - sus_det, 50):.0f} ms |")
+        print(f"| synchroniser pending messages (both inputs), max over first / last third | {pending(early)} / "
+              f"{pending(late)} |")
+        print(f"| node resident set, median first / last third | {rss(early):.0f} / "
+              f"{rss(late):.0f} MiB |")
     finally:
         if camera is not None:
             camera.stop()

@@ -9,13 +9,16 @@ NS/depth_registered/image_rect, NS/points.
 Commands (one JSON object per line); every command is answered by one JSON line on stdout:
   {"op": "wait", "timeout": 60}            -> {"subscribers": {topic: count}} once every topic
                                               that will be used has a subscriber (or on timeout)
-  {"op": "frame", ...}                      -> {"sent": stamp_ns}
+  {"op": "frame", ...}                      -> {"sent": stamp_ns, "publish_ns": ns}
+      (publish_ns: stamp -> every message published, for stamp "now"; else null)
       source: "kinect" (the real Kinect frame) | "synthetic" (a part on a table, 640x480)
       stamp: seconds (float) or "now" (this process's clock, for latency measurements)
       frame_id: optical frame of every message (default camera_color_optical_frame)
       send: subset of ["info", "rgb", "depth", "points"] (default: info + rgb + depth)
       points: "organised" | "unorganised" (with "points" in send)
       info_delay: seconds between camera_info and the images (default 0.2)
+      serialized: true = serialise the images before stamping and publish the CDR bytes with the
+                  stamp written in (publish cost of a C++ driver; for latency measurements)
       faults: {"rgb_truncate": true, "rgb_encoding": "yuv422", "depth_fill": "nan"|"inf"|"zero",
                "depth_keep": N, "depth_size": [w, h], "depth_frame": "other",
                "depth_encoding": "32FC1", "info": "zero", "info_frame": "other"}
@@ -26,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import struct
 import sys
 import time
 
@@ -34,11 +38,13 @@ import rclpy
 import tifffile
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 
 from mafr_ros.geometry import CameraIntrinsics, depth_to_xyz
 from mafr_ros.ros.conversions import array_to_image, xyz_to_pointcloud2
+from mafr_ros.ros.memory import keep_large_allocations_on_heap
 
 WIDTH, HEIGHT = 640, 480
 INTRINSICS = CameraIntrinsics(fx=525.0, fy=525.0, cx=320.0, cy=240.0, width=WIDTH, height=HEIGHT)
@@ -67,6 +73,18 @@ def synthetic_frame(seed=0):
     rgb = np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
     rgb[dent] = (60, 40, 30)
     return rgb, np.round(depth).astype(np.uint16)
+
+
+_CDR_LITTLE_ENDIAN = b"\x00\x01"
+_STAMP = struct.Struct("<iI")  # std_msgs/Header.stamp (sec, nanosec), first field of the message
+
+
+def _with_stamp(blob: bytearray, stamp) -> bytes:
+    """CDR bytes of a serialised stamped message (Header first) with ``stamp`` written in."""
+    if blob[:2] != _CDR_LITTLE_ENDIAN:
+        raise ValueError("expected little-endian CDR (encapsulation 0x0001)")
+    _STAMP.pack_into(blob, 4, stamp.sec, stamp.nanosec)  # after the 4-byte encapsulation header
+    return bytes(blob)
 
 
 class Camera(Node):
@@ -124,7 +142,9 @@ class Camera(Node):
             self.pubs["info"].publish(info)
             time.sleep(float(cmd.get("info_delay", 0.2)))
 
-        header = Header(frame_id=frame_id, stamp=self.stamp(cmd.get("stamp")))
+        # Stamped right before publishing (below), after every message is built: a latency
+        # measured from the stamp then starts at publish, not at this harness's own conversions.
+        header = Header(frame_id=frame_id)
         messages = []
         if "rgb" in send:
             msg = array_to_image(rgb, "rgb8", header)
@@ -146,7 +166,7 @@ class Camera(Node):
             if "depth_size" in faults:
                 w, h = faults["depth_size"]
                 d = np.ascontiguousarray(d[:h, :w])
-            dheader = Header(frame_id=faults.get("depth_frame", frame_id), stamp=header.stamp)
+            dheader = Header(frame_id=faults.get("depth_frame", frame_id))
             if "depth" in send:
                 if faults.get("depth_encoding", "16UC1") == "16UC1":
                     mm = np.where(np.isfinite(d), np.round(d * 1000.0), 0).astype(np.uint16)
@@ -162,9 +182,23 @@ class Camera(Node):
                     flat = flat[np.isfinite(flat).all(axis=1)]
                     xyz = np.random.default_rng(0).permutation(flat)  # no pixel order left
                 messages.append(("points", xyz_to_pointcloud2(xyz, dheader)))
-        for topic, msg in messages:
-            self.pubs[topic].publish(msg)
-        return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+        if cmd.get("serialized"):
+            # As a C++ driver: the Python message -> CDR conversion (about 1 ms per 640x480 image
+            # here) happens before stamping; only the stamp is written into the CDR bytes, and
+            # the span from the stamp starts at the DDS write.
+            blobs = [(topic, bytearray(serialize_message(msg))) for topic, msg in messages]
+            stamp = self.stamp(cmd.get("stamp"))
+            for topic, blob in blobs:
+                self.pubs[topic].publish(_with_stamp(blob, stamp))
+        else:
+            stamp = self.stamp(cmd.get("stamp"))
+            for _, msg in messages:
+                msg.header.stamp = stamp
+            for topic, msg in messages:
+                self.pubs[topic].publish(msg)
+        self.last_publish_ns = time.time_ns() - (stamp.sec * 1_000_000_000 + stamp.nanosec) \
+            if cmd.get("stamp") in (None, "now") else None
+        return stamp.sec * 1_000_000_000 + stamp.nanosec
 
 
 def main():
@@ -173,6 +207,7 @@ def main():
     parser.add_argument("--reliability", default="reliable")
     parser.add_argument("--kinect-dir", default=None)
     args = parser.parse_args()
+    keep_large_allocations_on_heap()  # as a C++ driver: publishing costs no page faults
     rclpy.init()
     camera = Camera(args.ns, args.reliability, args.kinect_dir)
     print(json.dumps({"ready": True}), flush=True)
@@ -187,7 +222,7 @@ def main():
             if op == "wait":
                 reply = camera.wait(cmd)
             elif op == "frame":
-                reply = {"sent": camera.frame(cmd)}
+                reply = {"sent": camera.frame(cmd), "publish_ns": camera.last_publish_ns}
             elif op == "burst":
                 stamps, period = [], float(cmd.get("period", 1 / 30))
                 start = time.monotonic()

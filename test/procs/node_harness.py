@@ -25,6 +25,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from mafr_ros.ros.memory import keep_large_allocations_on_heap
+
 REPO = Path(__file__).resolve().parents[2]
 PROCS = Path(__file__).resolve().parent
 KINECT_DIR = REPO.parent / "shared" / "data" / "kinect_rgbd"
@@ -117,9 +119,11 @@ class CameraProcess:
 
 class Observer:
     """A test participant in its own rclpy context, spinning in a background thread and keeping
-    every message received per topic."""
+    every message received per topic, with its arrival time (``time.time_ns()`` taken first thing
+    in the subscription callback, the clock the camera stamps with) in ``arrivals[topic]``."""
 
     def __init__(self, name: str = "node_test_observer"):
+        keep_large_allocations_on_heap()  # as the camera: taking large messages without faults
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = Node(name, context=self.context)
@@ -127,6 +131,7 @@ class Observer:
         self._executor.add_node(self.node)
         self._cond = threading.Condition()
         self.messages: dict[str, list] = defaultdict(list)
+        self.arrivals: dict[str, list] = defaultdict(list)  # time.time_ns() per message
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
 
@@ -141,8 +146,10 @@ class Observer:
 
     def subscribe(self, msg_type, topic: str, qos=RELIABLE):
         def store(msg, topic=topic):
+            arrived = time.time_ns()
             with self._cond:
                 self.messages[topic].append(msg)
+                self.arrivals[topic].append(arrived)
                 self._cond.notify_all()
         return self.node.create_subscription(msg_type, topic, store, qos)
 
@@ -162,6 +169,14 @@ class Observer:
 
     def with_stamp(self, topic: str, stamp: int, timeout: float = 120.0):
         return self.wait_for(topic, lambda m: stamp_ns(m.header.stamp) == stamp, timeout)
+
+    def arrival_of(self, topic: str, msg) -> int:
+        """When ``msg`` (a message received on ``topic``) arrived, as time.time_ns()."""
+        with self._cond:
+            for index, received in enumerate(self.messages[topic]):
+                if received is msg:
+                    return self.arrivals[topic][index]
+        raise KeyError(f"that message was not received on {topic}")
 
     def received_stamps(self, topic: str) -> set:
         with self._cond:
