@@ -528,3 +528,27 @@ def test_distortion_warning_is_logged_once_per_frame_and_model(caplog):
     camera_info_to_intrinsics(wire(kinect_camera_info("warn_test_cam_c")), rectified=False)
     records = [r for r in caplog.records if r.name == "mafr_ros.conversions"]
     assert [("warn_test_cam_b" in r.getMessage()) for r in records] == [False, True]
+
+
+def test_stamp_written_into_serialised_images_reads_back():
+    """The test camera's pre-serialised publishing (test/procs/node_camera.py): the stamp is
+    written into the CDR bytes of an already serialised Image / CameraInfo and nothing else
+    changes."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "procs"))
+    from node_camera import _with_stamp
+
+    from builtin_interfaces.msg import Time
+
+    for msg in (array_to_image(random_array((3, 4, 3), np.uint8), "rgb8",
+                               Header(frame_id="camera_color_optical_frame")),
+                array_to_image(random_array((5, 2), np.uint16), "16UC1", Header(frame_id="f")),
+                CameraInfo(header=Header(frame_id="odd-length id"), width=4, height=3)):
+        stamp = Time(sec=1_764_615_600, nanosec=987_654_321)
+        read = deserialize_message(_with_stamp(bytearray(serialize_message(msg)), stamp),
+                                   type(msg))
+        assert (read.header.stamp.sec, read.header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
+        msg.header.stamp = stamp
+        assert read == msg
+    with pytest.raises(ValueError, match="little-endian"):
+        _with_stamp(bytearray(b"\x00\x00\x00\x00" + bytes(8)), Time())

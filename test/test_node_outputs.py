@@ -295,6 +295,14 @@ def test_rate_window_and_percentiles():
     for v in range(100):
         stats.add(v)
     assert stats.summary() == pytest.approx((94.5, 98.55))
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 7, 200):  # the same interpolation as np.percentile
+        stats = WindowStats(size=size)
+        values = rng.exponential(10.0, size)
+        for v in values:
+            stats.add(v)
+        assert stats.summary() == pytest.approx(tuple(np.percentile(values, (50, 95))),
+                                                rel=1e-12)
 
 
 def test_throttle_is_per_reason_and_counts_suppressed():

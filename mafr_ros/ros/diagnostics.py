@@ -18,7 +18,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 __all__ = ["FAILURE_REASONS", "STAGES", "RateMeter", "WindowStats", "ThrottledReporter",
@@ -87,11 +86,24 @@ class WindowStats:
         return len(self._values)
 
     def summary(self) -> tuple[float, float]:
-        """(median, p95); NaN when empty."""
+        """(median, p95) with NumPy's default (linear) interpolation; NaN when empty.
+
+        Sorted in plain Python: for a few hundred samples that is 10x cheaper than np.percentile
+        (whose fixed cost is about 0.15 ms a call), and the diagnostics timer summarises a dozen
+        windows on the executor thread that also takes the camera frames.
+        """
         if not self._values:
             return math.nan, math.nan
-        median, p95 = np.percentile(np.fromiter(self._values, float), (50, 95))
-        return float(median), float(p95)
+        values = sorted(self._values)
+        return _quantile(values, 0.5), _quantile(values, 0.95)
+
+
+def _quantile(ordered: list, q: float) -> float:
+    """The q-quantile of sorted values, interpolated linearly (np.percentile's default)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 @dataclass

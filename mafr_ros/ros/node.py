@@ -88,6 +88,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # /clock), not a late frame: accepted, and the ordering starts again (as the synchroniser does).
 _BACKWARD_JUMP_S = 1.0
 _CAMERA_INFO_FRAMES = 16  # cache bound: junk frame ids cannot grow it without limit
+_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class StartupError(MafrError):
@@ -778,6 +779,11 @@ def main(argv: Optional[list] = None) -> int:
         return 2
 
     keep_large_allocations_on_heap()  # frame-sized buffers without page faults (see memory.py)
+    # The executor thread and the worker share the GIL. A thread that wants it waits until the
+    # holder releases it or for this interval (default 5 ms): then a callback waits that long
+    # while the detector runs Python code, and the worker that long to start a frame the
+    # executor just handed over. 1 ms bounds both; only threads that want the GIL are affected.
+    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
     rclpy.init(args=["mafr_node", *args])
     node = None
     try:
