@@ -174,7 +174,8 @@ class MadeBag:
 @pytest.fixture(scope="session")
 def synthetic_bags(tmp_path_factory):
     """``make(name, n_test_good=4, n_test_per_defect=2, size=256, rate=10.0, inputs='both',
-    limit=None, seed=12345)`` -> MadeBag (synthetic parts of the embedded model's category)."""
+    limit=None, seed=12345, namespace='/camera', start_s=1.7e9)`` -> MadeBag (synthetic parts
+    of the embedded model's category; frame 0 stamped ``start_s``). Bags are made once per name."""
     from mafr_ros.bag.make import make_bag
     from mafr_ros.core.checkpoint import read_metadata
     from mafr_ros.core.detector import default_model_path
@@ -187,7 +188,8 @@ def synthetic_bags(tmp_path_factory):
 
     def make(name: str, *, n_test_good: int = 4, n_test_per_defect: int = 2, size: int = 256,
              rate: float = 10.0, inputs: str = "both", limit: int | None = None,
-             seed: int = 12345, namespace: str = "/camera") -> MadeBag:
+             seed: int = 12345, namespace: str = "/camera",
+             start_s: int = 1_700_000_000) -> MadeBag:
         key = (n_test_good, n_test_per_defect, size, seed)
         dataset = root / "data_{}_{}_{}_{}".format(*key)
         if key not in made:
@@ -198,7 +200,7 @@ def synthetic_bags(tmp_path_factory):
         out = root / name
         if not out.exists():
             make_bag(dataset, category, out, rate=rate, inputs=inputs, limit=limit,
-                     namespace=namespace, start_ns=1_700_000_000 * 10 ** 9, progress=False)
+                     namespace=namespace, start_ns=int(start_s) * 10 ** 9, progress=False)
         from mafr_ros.bag.evaluate import inspect_bag
         bag_layout = inspect_bag(out)
         return MadeBag(out, dataset, category, bag_layout.frames, bag_layout.topics)
