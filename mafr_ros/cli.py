@@ -137,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ros_args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="the main job, offline, in a few minutes: synthetic parts -> "
-                                    "lite model -> evaluation report")
+                                    "lite model -> bag -> the live node -> evaluation report")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true",
                    help="train a fresh lite model instead of using the embedded default")
+    p.add_argument("--test-good", type=int, default=10, help="good test parts (default 10)")
+    p.add_argument("--test-per-defect", type=int, default=4,
+                   help="test parts per defect type (default 4; 5 defect types)")
+    p.add_argument("--device", default="auto", help="the node's torch device")
     _add_common(p)
 
     from .bag.cli import add_bag_parser  # light: argparse only, no rclpy/rosbags
@@ -273,7 +277,10 @@ def _cmd_table(args):
 
 def _cmd_demo(args):
     from .demo import run_demo
-    run_demo(args.out, seed=args.seed, retrain=args.retrain)
+    summary = run_demo(args.out, seed=args.seed, retrain=args.retrain,
+                       n_test_good=args.test_good, n_test_per_defect=args.test_per_defect,
+                       device=args.device)
+    return 1 if summary["n_missing"] else 0
 
 
 def _cmd_bag(args):
