@@ -230,6 +230,9 @@ def main():
         print(f"| node's own work (convert + regions + publish, diagnostics) | "
               f"{latency_phase.get('node_overhead_median_ms', 'nan')} | "
               f"{latency_phase.get('node_overhead_p95_ms', 'nan')} |")
+        print(f"| &nbsp; the same as worker-thread CPU time (without preemption by other "
+              f"processes) | {latency_phase.get('stage.cpu_median_ms', 'nan')} | "
+              f"{latency_phase.get('stage.cpu_p95_ms', 'nan')} |")
         print()
         print(f"| Sustained input, {args.rate:g} Hz for {args.duration:g} s | value |")
         print("|---|---|")

@@ -10,8 +10,8 @@ from scipy import ndimage
 
 from mafr_ros.errors import InputError
 from mafr_ros.ros.conversions import image_to_array, pointcloud2_fields
-from mafr_ros.ros.diagnostics import (FAILURE_REASONS, STAGES, NodeDiagnostics, RateMeter,
-                                      ThrottledReporter, WindowStats, resident_set_mb)
+from mafr_ros.ros.diagnostics import (FAILURE_REASONS, STAGE_CPU, STAGES, NodeDiagnostics,
+                                      RateMeter, ThrottledReporter, WindowStats, resident_set_mb)
 from mafr_ros.ros.node import PARAMETERS, LatestSlot, validate_parameter
 from mafr_ros.ros.outputs import (Roi, anomaly_points_cloud, build_markers, find_regions,
                                   full_resolution, heatmap_image, mask_image, overlay_image,
@@ -253,12 +253,14 @@ def test_diagnostics_report_time_per_stage_and_resident_memory():
     for i in range(1, 11):
         diag.count_processed(100.0 + i, 90.0, 5.0, {"input": float(i), "wait": 0.5,
                                                     "convert": 1.0, "detector": 90.0,
-                                                    "regions": 2.0, "publish": 0.25})
+                                                    "regions": 2.0, "publish": 0.25,
+                                                    "cpu": 3.0})
     values = {kv.key: kv.value for kv in diag.build(_header().stamp).status[0].values}
     assert float(values["stage.input_median_ms"]) == pytest.approx(5.5)
     assert float(values["stage.input_p95_ms"]) == pytest.approx(9.55)
     assert values["stage.publish_median_ms"] == "0.25"
     assert {f"stage.{stage}_median_ms" for stage in STAGES} <= set(values)
+    assert values[f"stage.{STAGE_CPU}_median_ms"] == "3.00"
     rss = resident_set_mb()
     assert rss is not None and rss > 10  # this Python process with NumPy and rclpy loaded
     assert float(values["rss_mb"]) == pytest.approx(rss, rel=0.2)

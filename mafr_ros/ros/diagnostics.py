@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-__all__ = ["FAILURE_REASONS", "STAGES", "RateMeter", "WindowStats", "ThrottledReporter",
+__all__ = ["FAILURE_REASONS", "STAGES", "STAGE_CPU", "RateMeter", "WindowStats", "ThrottledReporter",
            "NodeDiagnostics", "resident_set_mb"]
 
 #: Why a synchronised frame produced no result. Every reason is always reported (0 included), so
@@ -46,6 +46,9 @@ FAILURE_REASONS = (
 #: the worker finishing the previous frame); convert = messages -> arrays and checks; detector =
 #: Detector.detect; regions = connected regions; publish = building and publishing AnomalyResult.
 STAGES = ("input", "wait", "convert", "detector", "regions", "publish")
+#: ... and the worker thread's CPU time outside the detector (convert + regions + publish): what
+#: the node's own work costs, independent of other processes competing for the cores.
+STAGE_CPU = "cpu"
 
 
 class RateMeter:
@@ -164,7 +167,7 @@ class NodeDiagnostics:
         self.latency_ms = WindowStats()
         self.processing_ms = WindowStats()
         self.overhead_ms = WindowStats()
-        self.stage_ms = {stage: WindowStats() for stage in STAGES}
+        self.stage_ms = {stage: WindowStats() for stage in (*STAGES, STAGE_CPU)}
         self.last_failure: Optional[str] = None
         self._failed_at_last_report = 0
         self._ready_since: Optional[float] = None
@@ -209,7 +212,8 @@ class NodeDiagnostics:
                         overhead_ms: float = math.nan,
                         stages_ms: Optional[dict] = None) -> None:
         """A published result: stamp-to-publish latency, detector time, node overhead (ms), and
-        optionally the time per stage (``{stage: ms}`` for names in :data:`STAGES`)."""
+        optionally the time per stage (``{stage: ms}`` for names in :data:`STAGES` and
+        :data:`STAGE_CPU`)."""
         with self._lock:
             self.processed += 1
             self.latency_ms.add(latency_ms)
