@@ -14,10 +14,10 @@ Variants, and what each costs:
   similarity only / soft census only / the reference's local-mean "census" instead of the true
   soft census / invalid-pixel masking off.
 
-The frozen features of each dataset are computed once and shared by every variant (the backbones
-are frozen, so they do not depend on the variant); the heads are trained by ``train.train_heads``
-and scored with the same functions as ``Detector``/``mafr eval`` (``core.scoring``,
-``evaluate.compute_metrics``: I-AUROC, P-AUROC and AUPRO at the original image resolution).
+Each trained variant is a real ``train.train`` run (what ``mafr train`` does, with the profile's
+options; only the loss settings differ) and is scored through ``Detector.extract`` /
+``anomaly_maps`` and ``evaluate.compute_metrics`` (I-AUROC, P-AUROC, AUPRO at the original image
+resolution), as ``mafr eval`` does; the scoring variants re-fuse the same two error maps.
 Epochs are reduced from the profile default (40 for lite) so that the whole table fits in a CPU
 budget; they are stated in the output. Results: OUT/ablation.md and OUT/ablation.json.
 """
@@ -50,95 +50,86 @@ LOSS_VARIANTS = (
 )
 
 
-def _features(detector, inputs):
-    from mafr_ros.train import cache_features
-
-    return cache_features(detector, inputs, batch_size=4)
-
-
-def _score(detector, heads, feats, run_base, modes, category, batch=4):
-    """Metrics of ``heads`` on cached test features for every fusion mode in ``modes``."""
-    from mafr_ros.core.scoring import fuse_maps, restoration_errors, smooth_maps
+def _score(detector, inputs, samples, modes, category, batch=4):
+    """Metrics of a trained detector on preprocessed test inputs, for every fusion mode in
+    ``modes``: the restored features are computed once (``Detector.extract`` + ``anomaly_maps``,
+    the path of ``mafr eval``) and only the fusion of the two error maps differs."""
+    from mafr_ros.core.scoring import fuse_maps, smooth_maps
     from mafr_ros.data.preprocess import map_to_input
     from mafr_ros.evaluate import compute_metrics
 
-    f2d_all, f3d_all, mask_all = feats
-    device = detector.device
     errors = []
-    heads.eval()
-    with torch.no_grad():
-        for start in range(0, f2d_all.shape[0], batch):
-            f2d = f2d_all[start:start + batch].to(device, torch.float32)
-            f3d = f3d_all[start:start + batch].to(device, torch.float32)
-            mask = mask_all[start:start + batch].to(device)
-            rec2d, rec3d = heads.forward_grid(f2d, f3d, mask)
-            errors.append((restoration_errors(f2d, rec2d), restoration_errors(f3d, rec3d), mask))
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        rgb = torch.from_numpy(np.stack([i.rgb for i in chunk]))
+        xyz = torch.from_numpy(np.stack([i.xyz for i in chunk]))
+        with torch.no_grad():
+            f2d, f3d, mask = detector.extract(rgb, xyz)
+            _, r2d, r3d = detector.anomaly_maps(f2d, f3d, mask)
+        errors.append((r2d, r3d, mask))
+    run_base = {"samples": samples, "inputs": inputs, "labels": np.array([s.label for s in samples])}
     out = {}
     for mode in modes:
         maps, scores = [], []
         for r2d, r3d, mask in errors:
             smoothed = smooth_maps(fuse_maps(r2d, r3d, mode, mask), detector.scoring_cfg)
-            maps.append(smoothed.cpu().numpy())
-            scores.append(detector.image_scores(smoothed).cpu().numpy())
+            maps.append(smoothed.float().cpu().numpy())
+            scores.append(detector.image_scores(smoothed).float().cpu().numpy())
         grid_maps = np.concatenate(maps)
         run = dict(run_base, grid_maps=grid_maps, scores=np.concatenate(scores),
                    full_maps=[map_to_input(m, i.frame).astype(np.float32)
-                              for m, i in zip(grid_maps, run_base["inputs"])],
+                              for m, i in zip(grid_maps, inputs)],
                    seconds_per_image=float("nan"))
         metrics = compute_metrics(category, run)
         out[mode] = {"i_auroc": metrics.i_auroc, "p_auroc": metrics.p_auroc,
                      "aupro": metrics.aupro[0.3], "aupro_0.01": metrics.aupro[0.01],
                      "grid_p_auroc": metrics.extra["grid"]["p_auroc"],
                      "grid_aupro": metrics.extra["grid"]["aupro"][0.3]}
-    return out
+    return out, run_base["labels"]
 
 
-def run_dataset(name, root, category, epochs, profile, cache, train_shots=None, log=print) -> dict:
+def run_dataset(name, root, category, epochs, profile, out_dir, train_shots=None, log=print) -> dict:
+    """Every variant of one dataset: each training variant is a real ``train.train`` run (the code of
+    ``mafr train``, including the profile's options and calibration), scored on the test split."""
     from mafr_ros.core.detector import Detector
-    from mafr_ros.core.heads import FusionRestorationHeads
     from mafr_ros.core.losses import LossConfig
-    from mafr_ros.core.profiles import get_profile
     from mafr_ros.data.formats import open_dataset
-    from mafr_ros.data.preprocess import preprocess_sample
-    from mafr_ros.train import TrainConfig, seed_everything, train_heads
+    from mafr_ros.data.preprocess import PreprocessCache, preprocess_sample
+    from mafr_ros.train import TrainConfig, train
 
     started = time.time()
-    train_set = open_dataset(root, category, "train", shots=train_shots)
+    cache_dir = out_dir / "cache"
+    cache = PreprocessCache(cache_dir)
     test_set = open_dataset(root, category, "test")
-    detector = Detector.build(profile)
-    cfg_pre = detector.preprocess_cfg
-    train_inputs = [preprocess_sample(train_set[i], cfg_pre, cache) for i in range(len(train_set))]
     test_samples = [test_set[i] for i in range(len(test_set))]
-    test_inputs = [preprocess_sample(s, cfg_pre, cache) for s in test_samples]
-    train_feats = _features(detector, train_inputs)
-    test_feats = _features(detector, test_inputs)
-    feature_seconds = time.time() - started
-    log(f"{name}: {len(train_inputs)} train / {len(test_inputs)} test images, features in "
-        f"{feature_seconds:.0f} s")
-    run_base = {"samples": test_samples, "inputs": test_inputs,
-                "labels": np.array([s.label for s in test_samples])}
-    base_loss = {**LossConfig().to_dict(), **dict(get_profile(profile).loss_overrides)}
     results = {"scoring": {}, "training": {}}
-    for label, overrides in LOSS_VARIANTS:
-        seed_everything(115)
-        detector.heads = FusionRestorationHeads(**detector.metadata["heads"]).to(detector.device)
-        cfg = TrainConfig(profile=profile, epochs=epochs, progress=False,
-                          loss=LossConfig.from_dict({**base_loss, **overrides}))
+    n_train, labels = None, None
+    for index, (label, overrides) in enumerate(LOSS_VARIANTS):
+        cfg = TrainConfig(profile=profile, epochs=epochs, progress=False, shots=train_shots,
+                          cache_dir=str(cache_dir),
+                          loss=LossConfig.from_dict({**LossConfig().to_dict(), **overrides}))
+        checkpoint = out_dir / "models" / f"{name}_{index}.safetensors"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        history = train_heads(detector, *train_feats, cfg)
+        meta = train(root, category, checkpoint, cfg)
         seconds = time.time() - t0
+        n_train = len(meta["training"]["files"])
+        detector = Detector.from_checkpoint(checkpoint, device="auto")
+        test_inputs = [preprocess_sample(s, detector.preprocess_cfg, cache) for s in test_samples]
         modes = [m for _, m in SCORING_VARIANTS] if not overrides else ["product"]
-        scored = _score(detector, detector.heads, test_feats, run_base, modes, category)
+        scored, labels = _score(detector, test_inputs, test_samples, modes, category)
         results["training"][label] = dict(scored["product"], train_seconds=seconds,
-                                          final_loss=history[-1])
+                                          final_loss=meta["training"]["loss_history"][-1],
+                                          loss=meta["loss"])
         if not overrides:
             results["scoring"] = {lab: scored[mode] for lab, mode in SCORING_VARIANTS}
         log(f"{name} / {label}: I-AUROC {scored['product']['i_auroc']:.3f} P-AUROC "
-            f"{scored['product']['p_auroc']:.3f} AUPRO {scored['product']['aupro']:.3f} ({seconds:.0f} s)")
+            f"{scored['product']['p_auroc']:.3f} AUPRO {scored['product']['aupro']:.3f} "
+            f"(trained in {seconds:.0f} s)")
     return {"name": name, "root": str(root), "category": category, "epochs": epochs,
-            "n_train": len(train_inputs), "n_test": len(test_inputs),
-            "n_good": int((run_base["labels"] == 0).sum()), "n_defect": int((run_base["labels"] == 1).sum()),
-            "feature_seconds": feature_seconds, "seconds": time.time() - started, "results": results}
+            "n_train": n_train, "n_test": len(test_samples),
+            "n_good": int((labels == 0).sum()), "n_defect": int((labels == 1).sum()),
+            "seconds": time.time() - started, "results": results}
 
 
 def table(datasets: list[dict]) -> str:
@@ -163,18 +154,15 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "cable_gland"],
                         choices=["synthetic", "cable_gland"])
     parser.add_argument("--profile", default="lite", choices=["lite", "paper"])
-    parser.add_argument("--epochs-synthetic", type=int, default=8)
-    parser.add_argument("--epochs-real", type=int, default=5)
+    parser.add_argument("--epochs-synthetic", type=int, default=5)
+    parser.add_argument("--epochs-real", type=int, default=4)
     parser.add_argument("--synthetic-train", type=int, default=30)
     parser.add_argument("--train-shots", type=int, default=None,
                         help="only this many training images (development runs)")
     args = parser.parse_args(argv)
 
-    from mafr_ros.data.preprocess import PreprocessCache
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cache = PreprocessCache(out / "cache")
     started = time.time()
     done = []
     for name in args.datasets:
@@ -186,7 +174,7 @@ def main(argv=None) -> int:
                 generate_dataset(root, seed=0, categories=[category], n_train=args.synthetic_train)
         else:
             root, category, epochs = CABLE_GLAND_ROOT, "cable_gland", args.epochs_real
-        done.append(run_dataset(name, root, category, epochs, args.profile, cache, args.train_shots,
+        done.append(run_dataset(name, root, category, epochs, args.profile, out, args.train_shots,
                                 log=lambda m: print(m, flush=True)))
     cpu = "unknown CPU"
     try:
