@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs-synthetic", type=int, default=5)
     parser.add_argument("--epochs-real", type=int, default=4)
     parser.add_argument("--synthetic-train", type=int, default=30)
+    parser.add_argument("--mvtec-root", type=Path, default=CABLE_GLAND_ROOT,
+                        help="MVTec 3D-AD root holding cable_gland (default ../shared/data/mvtec3d)")
     parser.add_argument("--train-shots", type=int, default=None,
                         help="only this many training images (development runs)")
     args = parser.parse_args(argv)
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
             if not (root / category).is_dir():
                 generate_dataset(root, seed=0, categories=[category], n_train=args.synthetic_train)
         else:
-            root, category, epochs = CABLE_GLAND_ROOT, "cable_gland", args.epochs_real
+            root, category, epochs = args.mvtec_root, "cable_gland", args.epochs_real
         done.append(run_dataset(name, root, category, epochs, args.profile, out, args.train_shots,
                                 log=lambda m: print(m, flush=True)))
     cpu = "unknown CPU"
