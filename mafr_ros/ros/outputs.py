@@ -157,9 +157,10 @@ def find_regions(normalized_map: np.ndarray, xyz: np.ndarray | None, min_area: i
     if not keep.any():
         return []
     inside = np.flatnonzero(keep[flat])          # box-flat indices of kept-region pixels
-    order = np.argsort(flat[inside], kind="stable")
-    inside = inside[order]
     lab = flat[inside]
+    if np.count_nonzero(keep) > 1:  # one region (the common case) is sorted already
+        order = np.argsort(lab, kind="stable")
+        inside, lab = inside[order], lab[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
     ids = lab[starts]
     box_width = labels.shape[1]
