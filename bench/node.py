@@ -11,9 +11,9 @@ What is measured, and with which clock (all on the one machine clock, CLOCK_REAL
    * detector = AnomalyResult.processing_time (Detector.detect, measured by the detector).
    * node overhead = end to end - detector: everything the node and the middleware add.
    * its breakdown from the node's /diagnostics (stage.*: input = stamp -> set complete in the
-     node, wait = slot -> worker, convert, regions, publish) and the result's own transfer
-     (arrival - stamp - AnomalyResult.latency, the latter stamped by the node right before
-     publishing).
+     node, wait = slot -> worker, convert, regions, result) and the result's own transfer
+     (arrival - stamp - AnomalyResult.latency, the latter taken by the node right before its
+     publish call, which is part of the transfer).
 2. Sustained input: the camera publishes at --rate Hz for --duration s. The node's /diagnostics
    give the processed / dropped / failed split; the synchroniser's pending queues, the node's
    resident set size and the result latency, each compared between the first and the last third
@@ -222,12 +222,15 @@ def main():
                             ("wait", "wait: set complete -> worker starts it"),
                             ("convert", "convert: messages -> arrays, checks"),
                             ("regions", "regions: connected regions of the map"),
-                            ("publish", "publish: build + publish AnomalyResult")):
+                            ("result", "result: build AnomalyResult")):
             print(f"| &nbsp; {what} | {latency_phase.get(f'stage.{stage}_median_ms', 'nan')} | "
                   f"{latency_phase.get(f'stage.{stage}_p95_ms', 'nan')} |")
-        print(f"| &nbsp; result transfer: node publish -> observer callback | "
+        print(f"| &nbsp; result transfer: node's publish call -> observer callback | "
               f"{_ms(result_transfer, 50):.2f} | {_ms(result_transfer, 95):.2f} |")
-        print(f"| node's own work (convert + regions + publish, diagnostics) | "
+        print(f"| &nbsp; &nbsp; of which the node's publish call | "
+              f"{latency_phase.get('stage.publish_median_ms', 'nan')} | "
+              f"{latency_phase.get('stage.publish_p95_ms', 'nan')} |")
+        print(f"| node's own work (convert + regions + result + publish call, diagnostics) | "
               f"{latency_phase.get('node_overhead_median_ms', 'nan')} | "
               f"{latency_phase.get('node_overhead_p95_ms', 'nan')} |")
         print(f"| &nbsp; the same as worker-thread CPU time (without preemption by other "

@@ -253,7 +253,8 @@ def test_diagnostics_report_time_per_stage_and_resident_memory():
     for i in range(1, 11):
         diag.count_processed(100.0 + i, 90.0, 5.0, {"input": float(i), "wait": 0.5,
                                                     "convert": 1.0, "detector": 90.0,
-                                                    "regions": 2.0, "publish": 0.25,
+                                                    "regions": 2.0, "result": 0.5,
+                                                    "publish": 0.25,
                                                     "cpu": 3.0})
     values = {kv.key: kv.value for kv in diag.build(_header().stamp).status[0].values}
     assert float(values["stage.input_median_ms"]) == pytest.approx(5.5)

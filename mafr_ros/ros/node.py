@@ -702,8 +702,8 @@ class MafrNode(Node):
         crop_map = detection.normalized_map
         regions_at = time.perf_counter()
         regions = find_regions(crop_map, xyz, cfg.min_area, offset=(roi.x, roi.y))
-        publish_at = time.perf_counter()
-        stages["regions"] = (publish_at - regions_at) * 1e3
+        result_at = time.perf_counter()
+        stages["regions"] = (result_at - regions_at) * 1e3
         want_heatmap = cfg.publish_heatmap and self._pub_heatmap.get_subscription_count() > 0
         full_map = heat_msg = None
         if want_heatmap or cfg.heatmap_in_result or (
@@ -716,9 +716,11 @@ class MafrNode(Node):
                               heat_msg if cfg.heatmap_in_result else None)
         latency_s = (self.get_clock().now() - Time.from_msg(header.stamp)).nanoseconds / 1e9
         result.latency.sec, result.latency.nanosec = divmod(max(0, int(latency_s * 1e9)), 10 ** 9)
+        publish_at = time.perf_counter()  # result.latency ends here: the publish call is transfer
         self._pub_result.publish(result)
         published_at = time.perf_counter()
         stages["cpu"] = (stages["cpu"] + time.thread_time()) * 1e3
+        stages["result"] = (publish_at - result_at) * 1e3
         stages["publish"] = (published_at - publish_at) * 1e3
         detector_ms = detection.timings_ms.get("total", math.nan)
         # The node's own work on this frame: conversions, checks, regions, the result message and
