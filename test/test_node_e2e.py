@@ -1,5 +1,10 @@
 """End-to-end: the mafr node in its own process, a camera process publishing the real Kinect frame
-and synthetic frames over DDS, and this process observing every output.
+and synthetic frames over DDS, a bag of synthetic parts played into the node, and this process
+observing every output.
+
+The node processes are started through the bag harness (test/bag_harness.py, fixture
+``processes``): each in a process group of its own, stopped at the end of the module and checked,
+with psutil, to have left nothing running, whatever the tests did.
 
 Two node processes start together (depth mode and points mode), so their model loads overlap.
 Inputs are reliable (qos.input.reliability:=reliable): large images over best-effort Fast DDS
@@ -16,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "procs"))
-from node_harness import (CameraProcess, NodeProcess, Observer, diagnostic_values,  # noqa: E402
-                          stamp_ns)
+from node_harness import CameraProcess, Observer, diagnostic_values, stamp_ns  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -32,11 +38,13 @@ COMMON = {"qos.input.reliability": "reliable", "diagnostics.period": 0.25,
 class Rig:
     """One node process + its camera, observed by the shared Observer."""
 
-    def __init__(self, observer, namespace, params, log_path):
+    def __init__(self, observer, processes, namespace, params):
         self.obs = observer
         self.ns = namespace
         self.node_name = f"{namespace}/mafr"
-        self.node = NodeProcess(namespace, {**COMMON, **params}, log_path)
+        # The shipped parameters file first, as a deployment would; -p overrides it.
+        self.node = processes.node(namespace, {**COMMON, **params},
+                                   params_file=REPO / "config" / "mafr.yaml")
         self.camera = None
 
     def connect(self, topics):
@@ -85,19 +93,18 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rigs(tmp_path_factory):
+def rigs(processes):
     from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image, PointCloud2
     from visualization_msgs.msg import MarkerArray
 
     from mafr_ros.msg import AnomalyResult
 
-    logs = tmp_path_factory.mktemp("node_e2e")
     tag = os.getpid()
     observer = Observer(f"node_e2e_observer_{tag}")
     # Both nodes load their model at the same time.
-    depth = Rig(observer, f"/e2e_depth_{tag}", {"input_mode": "depth"}, logs / "depth.log")
-    points = Rig(observer, f"/e2e_points_{tag}", {"input_mode": "points"}, logs / "points.log")
+    depth = Rig(observer, processes, f"/e2e_depth_{tag}", {"input_mode": "depth"})
+    points = Rig(observer, processes, f"/e2e_points_{tag}", {"input_mode": "points"})
     types = {"anomaly": AnomalyResult, "heatmap": Image, "overlay": Image, "mask": Image,
              "markers": MarkerArray, "anomaly_points": PointCloud2}
     for rig in (depth, points):
@@ -129,7 +136,7 @@ def _image_array(msg, dtype, channels=1):
     return arr.reshape(shape)
 
 
-def check_result(result, stamp, frame_id="camera_color_optical_frame"):
+def check_result(result, stamp, frame_id="camera_color_optical_frame", size=(WIDTH, HEIGHT)):
     assert stamp_ns(result.header.stamp) == stamp
     assert result.header.frame_id == frame_id
     assert result.model_id
@@ -142,7 +149,7 @@ def check_result(result, stamp, frame_id="camera_color_optical_frame"):
     latency = result.latency.sec + result.latency.nanosec * 1e-9
     assert 0.0 < processing <= latency < 600.0
     heat = result.heatmap
-    assert (heat.width, heat.height, heat.encoding) == (WIDTH, HEIGHT, "32FC1")
+    assert (heat.width, heat.height, heat.encoding) == (*size, "32FC1")
     assert heat.header == result.header
     heatmap = _image_array(heat, np.float32)
     assert np.isfinite(heatmap).all() and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
@@ -153,7 +160,7 @@ def check_result(result, stamp, frame_id="camera_color_optical_frame"):
     for i, region in enumerate(result.regions):
         assert region.id == i
         box = region.bbox
-        assert box.x_offset + box.width <= WIDTH and box.y_offset + box.height <= HEIGHT
+        assert box.x_offset + box.width <= size[0] and box.y_offset + box.height <= size[1]
         inside = heatmap[box.y_offset:box.y_offset + box.height,
                          box.x_offset:box.x_offset + box.width]
         assert inside.max() == pytest.approx(region.peak_score, abs=1e-6)
@@ -167,13 +174,13 @@ def check_result(result, stamp, frame_id="camera_color_optical_frame"):
     return heatmap
 
 
-def check_outputs(rig, result, heatmap):
+def check_outputs(rig, result, heatmap, size=(WIDTH, HEIGHT)):
     """Heatmap / overlay / mask / markers / anomaly_points of the same frame."""
     stamp = stamp_ns(result.header.stamp)
     heat = rig.obs.with_stamp(rig.topic("heatmap"), stamp, 30)
     assert bytes(heat.data) == bytes(result.heatmap.data)
     overlay = rig.obs.with_stamp(rig.topic("overlay"), stamp, 30)
-    assert (overlay.encoding, overlay.width, overlay.height) == ("bgr8", WIDTH, HEIGHT)
+    assert (overlay.encoding, overlay.width, overlay.height) == ("bgr8", *size)
     assert overlay.header == result.header
     mask = _image_array(rig.obs.with_stamp(rig.topic("mask"), stamp, 30), np.uint8)
     assert set(np.unique(mask)) <= {0, 255}
@@ -401,7 +408,7 @@ def _quiescent(rig, at_least_matched=0, timeout=30.0):
         matched = int(values["frames_matched"])
         if matched >= at_least_matched and _accounted(values) == matched:
             return values
-        assert time.monotonic() < deadline, values
+        assert time.monotonic() < deadline, {k: v for k, v in values.items() if k.startswith(("frames_", "failed."))}
         time.sleep(0.1)
 
 
@@ -446,3 +453,35 @@ def test_points_unregistered_cloud_is_refused(rigs):
     assert "the organised cloud" in values["last_failure"] and "320x240" in values["last_failure"]
     stamp = rig.send(source="synthetic", send=["info", "rgb", "points"], points="organised")
     check_result(rig.result(stamp), stamp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bag replay (through the harness's replay participant)
+# --------------------------------------------------------------------------------------------------
+def test_synthetic_bag_played_into_the_points_node(rigs, synthetic_bags, processes):
+    """A bag of synthetic parts (`mafr bag make`: organised clouds, camera_info, colour) played
+    frame by frame into the points-mode node: every frame is answered with its own stamp, a
+    heatmap at the bag's resolution and every other output of that frame."""
+    from mafr_ros.bag.layout import topics_for
+
+    rig = rigs["points"]
+    # Stamped just after every frame the camera sent before (so not out of order), and in the
+    # past once played (so the latency in the results is real).
+    start_s = int(time.time()) + 2
+    bag = synthetic_bags("e2e_points", n_test_good=1, n_test_per_defect=1, inputs="points",
+                         start_s=start_s)
+    while time.time() < start_s + 1.0:
+        time.sleep(0.05)
+    target = topics_for(rig.ns)
+    roles = ("camera_info", "points", "rgb")
+    replay = processes.replay(bag.path, rig.node_name,
+                              topics=[getattr(bag.topics, r) for r in roles],
+                              remap={getattr(bag.topics, r): getattr(target, r) for r in roles})
+    replay.wait_ready(rig.node, timeout=60)
+    outcomes, stats = replay.lockstep(rig.node, timeout=120)
+    assert stats.sent == bag.frames == 6 and not stats.missing, [o.reason for o in stats.missing]
+    for outcome in outcomes:
+        result = rig.result(outcome.stamp_ns, timeout=30)  # also seen by the observer
+        heatmap = check_result(result, outcome.stamp_ns, size=(256, 256))
+        check_outputs(rig, result, heatmap, size=(256, 256))
+        assert result.score == pytest.approx(outcome.result.score, rel=1e-12)

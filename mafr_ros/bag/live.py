@@ -92,7 +92,8 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -307,7 +308,12 @@ class LiveReplay:
         order and the counts."""
         outcomes, stats = [], LiveStats()
         started = time.monotonic()
-        # The diagnostics timer runs from the node's start: its first report tells the baseline.
+        # The failure count before the first frame is the baseline that tells our frames' failures
+        # from older ones: wait for a detector status (published periodically; any one received
+        # here was sent after this participant subscribed, so it is current).
+        deadline = started + 10.0
+        while not self.detector_status() and time.monotonic() < deadline:
+            time.sleep(0.05)
         failed = self.failed_count()
         for i, frame in enumerate(self.player.frames()):
             stamp = self._frame_stamp(frame)
