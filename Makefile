@@ -77,7 +77,9 @@ distclean: clean
 	rm -rf $(VENV)
 
 # Rebuild the embedded default model (models/lite_synthetic.safetensors) from scratch:
-# synthetic parts of seed 0, lite profile, seed 115. Takes minutes on a CPU.
+# synthetic parts of seed 0, lite profile with its defaults (standardised features, per-pixel MSE,
+# 50 epochs of 32 px crops, lr 2e-3 cosine; see mafr_ros/core/profiles.py), seed 115.
+# About 20 minutes on the shared 2-core CPU (models/lite_synthetic.md).
 model: setup
 	$(VENV)/bin/mafr synth --out build/model_data --seed 0 --categories gland
 	$(VENV)/bin/mafr train --dataset build/model_data --category gland --profile lite \

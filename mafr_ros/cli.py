@@ -65,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lite: weight-free descriptors, fast on CPU; paper: DINO ViT-B/8 + Point-MAE "
                         "(needs --rgb-weights and --xyz-weights)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write (.safetensors)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 40 (lite), 100 (paper)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 50 (lite), 100 (paper)")
     p.add_argument("--batch-size", type=int, default=8, help="crops (or whole grids) per step")
-    p.add_argument("--crop", type=int, default=64,
+    p.add_argument("--crop", type=int, default=None,
                    help="train on random CROP x CROP windows of the feature grid (0: whole grids, "
-                        "as the published code)")
-    p.add_argument("--lr", type=float, default=1e-3)
+                        "as the published code; default: 32 (lite), 64 (paper))")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (lite), 1e-3 (paper)")
     p.add_argument("--seed", type=int, default=115)
     p.add_argument("--latent", type=int, default=None,
                    help="fusion latent width (paper: 960; lite: (d2+d3)/2)")
@@ -184,10 +184,9 @@ def _cmd_preprocess(args):
 
 
 def _cmd_train(args):
-    from .core.losses import LossConfig
     from .core.scoring import ScoringConfig
-    from .train import TrainConfig, train
-    loss = LossConfig()
+    from .train import TrainConfig, profile_loss, train
+    loss = profile_loss(args.profile)  # the profile's loss; --census/--loss-weight change it
     if args.census:
         loss.census = args.census
     if args.no_mask:
@@ -209,11 +208,11 @@ def _cmd_train(args):
     if args.fusion:
         scoring.fusion = args.fusion
     cfg = TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size,
-                      crop=args.crop or None,
+                      crop=args.crop,
                       lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
                       shots_seed=args.shots_seed, target_fpr=args.target_fpr, device=args.device,
                       dataset_format=args.format,
-                      loss=loss, scoring=scoring,
+                      loss=loss, loss_from_profile=False, scoring=scoring,
                       backbone_weights={k: str(v) for k, v in
                                         (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
                       cache_dir=str(args.cache_dir) if args.cache_dir else None)

@@ -7,7 +7,11 @@ Differences from the published code, on purpose:
 - seeded and reproducible (torch, numpy, Python; deterministic algorithms on CPU);
 - mixed precision (bf16 autocast) on CUDA;
 - thresholds are calibrated on held-out good images and stored in the checkpoint with everything
-  needed to rebuild the detector.
+  needed to rebuild the detector;
+- options a profile can switch on (the lite profile does, see core/profiles.py): per-channel
+  feature standardisation with training statistics (``FeatureNorm``, stored in the checkpoint),
+  the per-pixel MSE restoration term, a cosine learning-rate schedule, profile-specific crop size
+  and learning rate.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from tqdm import tqdm
 from .core.checkpoint import save_checkpoint
 from .core.detector import Detector, resolve_device
 from .core.losses import LossConfig, mafr_loss
+from .core.normalization import FeatureNorm
 from .core.profiles import get_profile
 from .core.scoring import ScoringConfig, Thresholds
 from .data.formats import open_dataset
@@ -34,7 +39,8 @@ from .errors import DatasetError
 
 log = logging.getLogger("mafr_ros.train")
 
-DEFAULT_EPOCHS = {"lite": 40, "paper": 100}
+DEFAULT_EPOCHS = {"lite": 50, "paper": 100}
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -42,7 +48,7 @@ class TrainConfig:
     profile: str = "lite"
     epochs: int | None = None  # None: the profile's default
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: the profile's (lite 2e-3, paper 1e-3)
     seed: int = 115
     latent: int | None = None
     target_fpr: float = 0.01  # image-level false-positive rate on good validation images
@@ -55,8 +61,8 @@ class TrainConfig:
     # Train on random crops of the feature grid (pixels per side) instead of whole grids. The heads
     # are per-pixel and every loss term is local (7x7 at most), so crops see the same gradients at a
     # fraction of the memory traffic; an epoch draws as many crops as cover each image's part once.
-    # None = whole grids (the published scheme).
-    crop: int | None = 64
+    # 0 = whole grids (the published scheme); None = the profile's (lite 32, paper 64).
+    crop: int | None = None
     backbone_weights: dict = field(default_factory=dict)
     random_init_backbones: bool = False  # paper profile without weight files: benchmarks/tests only
     loss: LossConfig = field(default_factory=LossConfig)
@@ -65,9 +71,42 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     cache_dir: str | None = None
     progress: bool = True
+    # Standardise every feature channel with training statistics before the heads (FeatureNorm;
+    # a departure from the published code, stored in the checkpoint). None: the profile's choice.
+    standardize_features: bool | None = None
+    # "constant" (the published scheme) or "cosine" (annealed to 0 over the run). None: profile's.
+    lr_schedule: str | None = None
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.profile, 50)
+
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else get_profile(self.profile).lr
+
+    def resolved_crop(self) -> int | None:
+        """Crop side in pixels, or None for whole grids."""
+        crop = self.crop if self.crop is not None else get_profile(self.profile).crop
+        return int(crop) if crop else None
+
+    def resolved_standardize(self) -> bool:
+        if self.standardize_features is not None:
+            return bool(self.standardize_features)
+        return get_profile(self.profile).standardize_features
+
+    def resolved_lr_schedule(self) -> str:
+        schedule = self.lr_schedule or get_profile(self.profile).lr_schedule
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+        return schedule
+
+
+def profile_loss(profile: str, loss: LossConfig | None = None) -> LossConfig:
+    """LossConfig defaults, then the profile's overrides, then whatever ``loss`` sets to a value
+    other than LossConfig's default (to force a default value against the profile, start from
+    ``profile_loss(profile)`` and pass ``loss_from_profile=False``, as `mafr train` does)."""
+    defaults = LossConfig().to_dict()
+    user = {k: v for k, v in (loss or LossConfig()).to_dict().items() if v != defaults[k]}
+    return LossConfig.from_dict({**defaults, **dict(get_profile(profile).loss_overrides), **user})
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +135,18 @@ def cache_features(detector: Detector, inputs, batch_size: int = 4, progress: bo
     return torch.cat(f2d_all), torch.cat(f3d_all), torch.cat(mask_all)
 
 
+@torch.no_grad()
+def _standardize_cached(norm: FeatureNorm, f2d, f3d, mask, chunk: int = 8):
+    """``norm`` applied to the cached features chunk by chunk (computed in float32, stored back
+    in the cache's dtype: standardised values are O(1), well inside float16's precision)."""
+    out2, out3 = torch.empty_like(f2d), torch.empty_like(f3d)
+    for start in range(0, f2d.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        a, b = norm.apply(f2d[sl].float(), f3d[sl].float(), mask[sl].to(f2d.device))
+        out2[sl], out3[sl] = a.to(f2d.dtype), b.to(f3d.dtype)
+    return out2, out3
+
+
 def _random_crops(f2d, f3d, mask, idx, crop: int, generator):
     """crop x crop windows of the given images, each centred (where the border allows) on a random
     pixel with a 3D feature, so that crops land on the part rather than on empty background."""
@@ -122,15 +173,20 @@ def train_heads(detector: Detector, f2d, f3d, mask, cfg: TrainConfig):
     device = detector.device
     heads = detector.heads
     heads.train()
-    optimiser = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
+    optimiser = torch.optim.Adam(heads.parameters(), lr=cfg.resolved_lr())
+    epochs = cfg.resolved_epochs()
+    # Cosine annealing per epoch: the short lite runs otherwise end at the full step size, with
+    # the restoration error of good pixels still bouncing around its floor.
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
+                 if cfg.resolved_lr_schedule() == "cosine" else None)
     use_amp = cfg.amp and device.type == "cuda"
     generator = torch.Generator().manual_seed(cfg.seed)
     n, grid = f2d.shape[0], f2d.shape[-1]
-    crop = cfg.crop if cfg.crop and cfg.crop < grid else None
+    crop = cfg.resolved_crop()
+    crop = crop if crop and crop < grid else None
     # An epoch draws as many crops as it takes to cover the valid (part) pixels of each image once.
     valid_per_image = float(mask.flatten(1).sum(1).float().mean()) if crop else 0.0
     crops_per_image = max(1, round(valid_per_image / crop ** 2)) if crop else 1
-    epochs = cfg.resolved_epochs()
     history = []
     bar = tqdm(range(epochs), desc="train", disable=not cfg.progress)
     for _ in bar:
@@ -154,6 +210,8 @@ def train_heads(detector: Detector, f2d, f3d, mask, cfg: TrainConfig):
             optimiser.step()
             total += float(loss.detach())
             steps += 1
+        if scheduler is not None:
+            scheduler.step()
         history.append(total / max(steps, 1))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     heads.eval()
@@ -171,8 +229,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     """Train one class and write the checkpoint. Returns the metadata written."""
     cfg = cfg or TrainConfig()
     if cfg.loss_from_profile:
-        cfg.loss = LossConfig.from_dict({**cfg.loss.to_dict(),
-                                         **dict(get_profile(cfg.profile).loss_overrides)})
+        cfg.loss = profile_loss(cfg.profile, cfg.loss)
     seed_everything(cfg.seed)
     if resolve_device(cfg.device).type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -196,6 +253,11 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     t_feat = time.time()
     f2d, f3d, mask = cache_features(detector, train_inputs, progress=cfg.progress)
     feature_seconds = time.time() - t_feat
+    feature_norm = None
+    if cfg.resolved_standardize():
+        feature_norm = FeatureNorm.fit(f2d, f3d, mask)
+        f2d, f3d = _standardize_cached(feature_norm, f2d, f3d, mask)
+        detector.feature_norm = feature_norm
     t_heads = time.time()
     history = train_heads(detector, f2d, f3d, mask, cfg)
     head_seconds = time.time() - t_heads
@@ -229,10 +291,13 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
         "category": category,
         "thresholds": thresholds.to_dict(),
         "loss": cfg.loss.to_dict(),
+        "feature_norm": feature_norm.to_dict() if feature_norm is not None else None,
         "training": {
             "dataset": str(dataset_root), "files": files, "files_digest": _file_digest(files),
             "calibration": calib_source, "n_calibration": len(calib_inputs),
-            "epochs": cfg.resolved_epochs(), "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "epochs": cfg.resolved_epochs(), "batch_size": cfg.batch_size, "lr": cfg.resolved_lr(),
+            "crop": cfg.resolved_crop(),
+            "lr_schedule": cfg.resolved_lr_schedule(),
             "seed": cfg.seed, "shots": cfg.shots, "shots_seed": cfg.shots_seed,
             "target_fpr": cfg.target_fpr, "pixel_target_fpr": cfg.pixel_target_fpr,
             "loss_history": [round(v, 6) for v in history],

@@ -69,7 +69,8 @@ def test_train_cli_loss_weights_and_single_modality_fusion(synth, tmp_path):
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     meta = read_metadata(out)
     assert meta["loss"]["w_census"] == 0.0 and meta["loss"]["w_smoothness"] == 0.5
-    assert meta["loss"]["w_similarity"] == 1.0 and meta["scoring"]["fusion"] == "3d"
+    # untouched terms keep the lite profile's weight (ZNSSD off: models/lite_synthetic.md)
+    assert meta["loss"]["w_similarity"] == 0.0 and meta["scoring"]["fusion"] == "3d"
     for bad in ("census=-1", "census=x", "sharpness=1"):
         with pytest.raises(SystemExit, match="--loss-weight"):
             main(["train", "--dataset", str(synth), "--category", "gland", "--out", str(out),

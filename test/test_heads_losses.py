@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from mafr_ros.core.heads import FusionRestorationHeads, PixelGate
-from mafr_ros.core.losses import (LossConfig, census_loss_reference, mafr_loss, smoothness_loss,
-                                  soft_census_loss, znssd_loss)
+from mafr_ros.core.losses import (LossConfig, census_loss_reference, mafr_loss, restoration_loss,
+                                  smoothness_loss, soft_census_loss, znssd_loss)
 from mafr_ros.errors import InputError
 
 SMALL = dict(dim_2d=48, dim_3d=40, latent=64)  # the weight-free profile's widths
@@ -292,3 +292,40 @@ def test_loss_config_round_trip_and_validation():
         LossConfig(census="hard")
     with pytest.raises(ValueError, match="unknown LossConfig keys"):
         LossConfig.from_dict({"w_censsus": 1.0})
+
+
+def test_restoration_loss_is_the_masked_per_pixel_mse():
+    f, r = smooth_maps(2, 6, 9, 7, 31), smooth_maps(2, 6, 9, 7, 32)
+    mask = torch.ones(2, 9, 7, dtype=torch.bool)
+    mask[0, :3] = False
+    expected = (r - f).square().mean(dim=1)[mask].mean()
+    assert float(restoration_loss(f, r, mask)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(restoration_loss(f, r)) == pytest.approx(float((r - f).square().mean()), rel=1e-6)
+    # Off by default (the published loss); a weight adds exactly its terms for both modalities.
+    plain, terms = mafr_loss(f, r, f, r, mask)
+    assert not any(name.startswith("restoration") for name in terms)
+    cfg = LossConfig(w_restoration=2.0)
+    total, terms = mafr_loss(f, r, f, r, mask, cfg)
+    assert float(total) == pytest.approx(float(plain) + 4.0 * float(expected), rel=1e-5)
+    assert {"restoration_2d", "restoration_3d"} <= set(terms)
+    with pytest.raises(ValueError, match="w_restoration"):
+        LossConfig(w_restoration=-1.0)
+
+
+def test_feature_norm_standardises_valid_pixels_and_keeps_invalid_ones_zero():
+    from mafr_ros.core.normalization import FeatureNorm
+    f2d = smooth_maps(3, 5, 10, 11, 33) * torch.tensor([1.0, 10.0, 0.5, 3.0, 1.0]).view(1, -1, 1, 1) + 4.0
+    f3d = smooth_maps(3, 4, 10, 11, 34) * 0.01
+    f3d[:, 3] = 0.5  # a channel constant on good parts: its scale is floored, not 0
+    mask = torch.ones(3, 10, 11, dtype=torch.bool)
+    mask[1, 2:6, 3:9] = False
+    norm = FeatureNorm.fit(f2d.half(), f3d.half(), mask, chunk=2)
+    a, b = norm.apply(f2d, f3d, mask)
+    valid_2d = a.permute(0, 2, 3, 1)[mask]
+    assert torch.allclose(valid_2d.mean(0), torch.zeros(5), atol=2e-2)
+    assert torch.allclose(valid_2d.std(0), torch.ones(5), atol=2e-2)
+    assert torch.isfinite(b).all() and float(b[:, 3].abs().max()) < 10.0
+    assert float(a[1, :, 2:6, 3:9].abs().max()) == 0.0 and float(b[1, :, 2:6, 3:9].abs().max()) == 0.0
+    assert FeatureNorm.from_dict(norm.to_dict()) == norm and FeatureNorm.from_dict(None) is None
+    with pytest.raises(ValueError, match="inconsistent"):
+        FeatureNorm.from_dict({**norm.to_dict(), "std_2d": [0.0] * 5})

@@ -51,6 +51,31 @@ def test_checkpoint_records_what_rebuilds_the_detector(trained, synth):
     assert len(history) == 2 and all(np.isfinite(history))
 
 
+def test_feature_norm_is_recorded_and_checkpoints_without_it_still_load(trained, synth, tmp_path):
+    from mafr_ros.core.checkpoint import save_checkpoint
+    path, meta, _ = trained
+    on_disk = read_metadata(path)
+    norm = on_disk["feature_norm"]  # the lite profile standardises its features
+    assert len(norm["mean_2d"]) == on_disk["heads"]["dim_2d"]
+    assert len(norm["std_3d"]) == on_disk["heads"]["dim_3d"] and min(norm["std_3d"]) > 0
+    assert on_disk["loss"]["w_restoration"] > 0 and on_disk["training"]["lr_schedule"] == "cosine"
+    detector = Detector.from_checkpoint(path, device="cpu")
+    assert detector.feature_norm is not None
+    # A checkpoint written before the option existed has no feature_norm: raw features, as before.
+    state, old_meta = load_checkpoint(path)
+    del old_meta["feature_norm"]
+    save_checkpoint(tmp_path / "old.safetensors", state, old_meta)
+    old = Detector.from_checkpoint(tmp_path / "old.safetensors", device="cpu")
+    assert old.feature_norm is None
+    f2d = torch.rand(1, len(norm["mean_2d"]), 8, 8)
+    f3d = torch.rand(1, len(norm["mean_3d"]), 8, 8)
+    mask = torch.ones(1, 8, 8, dtype=torch.bool)
+    raw, _ = old.normalize_features(f2d, f3d, mask)
+    assert torch.equal(raw, f2d)
+    standardised, _ = detector.normalize_features(f2d, f3d, mask)
+    assert not torch.allclose(standardised, f2d)
+
+
 def test_training_is_reproducible(trained, synth, tmp_path):
     path, _, cfg = trained
     again = tmp_path / "b.safetensors"

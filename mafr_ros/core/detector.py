@@ -19,6 +19,7 @@ from .align import feature_valid_mask
 from .checkpoint import check_state_dict, load_checkpoint
 from .extractors import build_extractor
 from .heads import FusionRestorationHeads
+from .normalization import FeatureNorm
 from .profiles import get_profile
 from .scoring import (ScoringConfig, Thresholds, fuse_maps, image_score, normalize_score,
                       restoration_errors, smooth_maps)
@@ -64,7 +65,8 @@ class Detection:
 class Detector:
     def __init__(self, heads: FusionRestorationHeads, rgb_extractor, xyz_extractor,
                  preprocess_cfg: PreprocessConfig, scoring_cfg: ScoringConfig,
-                 thresholds: Thresholds | None, metadata: dict, device="cpu"):
+                 thresholds: Thresholds | None, metadata: dict, device="cpu",
+                 feature_norm: FeatureNorm | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.heads = heads.to(self.device).eval()
         self.rgb_extractor = rgb_extractor.to(self.device)
@@ -73,6 +75,8 @@ class Detector:
         self.scoring_cfg = scoring_cfg
         self.thresholds = thresholds
         self.metadata = metadata
+        # Per-channel standardisation applied before the heads (None: raw features, as published).
+        self.feature_norm = feature_norm
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -114,6 +118,8 @@ class Detector:
             scoring_cfg = ScoringConfig.from_dict(meta["scoring"])
             thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] else None
             heads = FusionRestorationHeads(**meta["heads"])
+            # Absent in checkpoints written before the option existed: raw features.
+            feature_norm = FeatureNorm.from_dict(meta.get("feature_norm"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: incompatible metadata ({exc})") from None
         check_state_dict(heads.state_dict(), state, path, "MAFR heads",
@@ -143,7 +149,7 @@ class Detector:
                     "file that was used for training")
             extractors[modality] = extractor
         return cls(heads, extractors["rgb"], extractors["xyz"], preprocess_cfg, scoring_cfg,
-                   thresholds, meta, device)
+                   thresholds, meta, device, feature_norm)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -161,9 +167,19 @@ class Detector:
         f3d = self.xyz_extractor(xyz)
         return f2d, f3d, feature_valid_mask(f3d)
 
+    def normalize_features(self, f2d, f3d, mask):
+        """The features the heads restore: standardised when the model has a ``FeatureNorm``."""
+        if self.feature_norm is None:
+            return f2d, f3d
+        return self.feature_norm.apply(f2d, f3d, mask)
+
     @torch.no_grad()
     def anomaly_maps(self, f2d, f3d, mask):
-        """Smoothed fused map (B,S,S) and the raw per-modality restoration errors."""
+        """Smoothed fused map (B,S,S) and the raw per-modality restoration errors.
+
+        f2d, f3d: extractor outputs; the errors are measured in the space the heads restore
+        (after ``normalize_features``)."""
+        f2d, f3d = self.normalize_features(f2d, f3d, mask)
         rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
         r2d = restoration_errors(f2d, rec2d)
         r3d = restoration_errors(f3d, rec3d)

@@ -12,6 +12,8 @@ pixel never changes a loss. Terms:
 - ``soft_census_loss``: a true (soft) census transform: per pixel, the soft sign of every
   neighbour-minus-centre difference in the window, compared Hamming-style.
 - ``smoothness_loss``: edge-aware first-difference penalty on the residual.
+- ``restoration_loss``: per-pixel mean squared error, the training counterpart of the test-time
+  score ||f_hat - f|| (not in the published loss; weight ``w_restoration``, 0 by default).
 - ``mafr_loss``: the weighted sum over both modalities, with a NaN/Inf guard.
 
 A masked mean over zero valid pixels is 0 (the sample contributes nothing) rather than NaN.
@@ -162,6 +164,23 @@ def soft_census_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | 
     return (per_pair * pair).sum() / pair.sum().clamp_min(1.0)
 
 
+# -- restoration ---------------------------------------------------------------------------------
+def restoration_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Mean over (valid) pixels and channels of (x_hat - x)^2.
+
+    The anomaly score is the per-pixel L2 restoration error, but none of the published terms
+    minimises it: ZNSSD is blind to a per-pixel gain and offset, the census to absolute levels, the
+    local mean to anything that averages out over 7x7, and the smoothness term favours a constant
+    residual. On the weight-free lite features the heads then leave a moderate, spatially varying
+    error on every good pixel that masks the defects; this term anchors the restored features
+    pixel by pixel in the space the score measures.
+    """
+    _check_maps(x, x_hat, mask, "restoration_loss")
+    per_pixel = (x_hat - x).square().mean(dim=1)
+    return _masked_mean(per_pixel, mask)
+
+
 # -- smoothness ----------------------------------------------------------------------------------
 def smoothness_loss(residual: torch.Tensor, image: torch.Tensor, mask: torch.Tensor | None = None,
                     channels: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -223,6 +242,9 @@ class LossConfig:
     # Local-mean L1 anchor; only added with census="soft" (with "reference" the census term is
     # already exactly this quantity).
     w_local_mean: float = 1.0
+    # Per-pixel MSE (``restoration_loss``); not in the published loss, so 0 unless a profile or the
+    # user sets it (the lite profile does).
+    w_restoration: float = 0.0
     census: str = "soft"
     mask_invalid: bool = True
     census_window: int = 7
@@ -235,7 +257,7 @@ class LossConfig:
     def __post_init__(self):
         if self.census not in _CENSUS_MODES:
             raise ValueError(f"LossConfig.census must be one of {_CENSUS_MODES}, got {self.census!r}")
-        for name in ("w_similarity", "w_census", "w_smoothness", "w_local_mean"):
+        for name in ("w_similarity", "w_census", "w_smoothness", "w_local_mean", "w_restoration"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("census_window", "local_mean_window"):
@@ -283,6 +305,8 @@ def _modality_terms(x, x_hat, mask, cfg: LossConfig) -> dict[str, torch.Tensor]:
     if cfg.w_local_mean > 0 and cfg.census == "soft":
         terms["local_mean"] = (cfg.w_local_mean,
                                census_loss_reference(x, x_hat, mask, cfg.local_mean_window))
+    if cfg.w_restoration > 0:
+        terms["restoration"] = (cfg.w_restoration, restoration_loss(x, x_hat, mask))
     if cfg.w_smoothness > 0:
         terms["smoothness"] = (cfg.w_smoothness,
                                smoothness_loss(x_hat - x, x, mask, cfg.smoothness_channels))
