@@ -29,6 +29,9 @@ from . import layout
 
 log = logging.getLogger("mafr_ros.bag.evaluate")
 
+#: Namespace of the node started by a live evaluation.
+LIVE_NAMESPACE = "/mafr_eval"
+
 
 @dataclass
 class BagSample:
@@ -245,8 +248,9 @@ def evaluate_bag_live(bag, checkpoint=None, out_dir=None, json_path=None, device
     shared metrics. With ``out_dir`` the node's results are also recorded as a rosbag2
     (``out_dir/node_results``) and its log kept (``out_dir/node.log``).
 
-    ``namespace``: run the node there (the bag's camera topics are remapped to it); default the
-    bag's own namespace. Frames the node did not answer are listed in ``missing`` (with the
+    ``namespace``: run the node there, the bag's camera topics remapped to it (default
+    :data:`LIVE_NAMESPACE`, so that a camera publishing the bag's topic names on the same ROS
+    domain never feeds the evaluated node). Frames the node did not answer are listed in ``missing`` (with the
     node's reason) and left out of the metrics; the summary says how many.
     Returns the summary of :func:`mafr_ros.evaluate.write_evaluation` plus ``mode`` ("live"),
     ``bag``, ``frames`` (per frame: index, name, stamp_ns, label, raw score or None),
@@ -270,7 +274,7 @@ def evaluate_bag_live(bag, checkpoint=None, out_dir=None, json_path=None, device
               topics.rgb]
     played = [t for t in played if t in _bag_topics(bag)]
     remap = None
-    node_ns = layout.normalize_namespace(namespace) if namespace else topics.namespace
+    node_ns = layout.normalize_namespace(namespace or LIVE_NAMESPACE)
     if node_ns != topics.namespace:
         target = layout.topics_for(node_ns)
         remap = {getattr(topics, role): getattr(target, role)
