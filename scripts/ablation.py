@@ -9,10 +9,11 @@ Variants, and what each costs:
 
 - scoring only (one trained model, the same restored features scored differently, no training):
   fused product (the paper) / 2D error only / 3D error only / sum / max;
-- training (one model each, same seed, same cached features, same epochs): all losses (the package
-  default: similarity + soft census + local-mean anchor + smoothness, invalid pixels masked) /
-  similarity only / soft census only / the reference's local-mean "census" instead of the true
-  soft census / invalid-pixel masking off.
+- training (one model each, same seed, same epochs): the package default (the profile's recipe; for
+  lite: standardised features, per-pixel MSE only) / all losses (the published ZNSSD + soft census +
+  local-mean anchor + smoothness, plus the MSE; invalid pixels masked) / similarity only / soft
+  census only / all losses with the reference's local-mean "census" instead of the true soft census /
+  all losses with invalid-pixel masking off. The scoring variants use the package-default model.
 
 Each trained variant is a real ``train.train`` run (what ``mafr train`` does, with the profile's
 options; only the loss settings differ) and is scored through ``Detector.extract`` /
@@ -41,12 +42,17 @@ CABLE_GLAND_ROOT = REPO.parent / "shared" / "data" / "mvtec3d"
 
 SCORING_VARIANTS = (("fused: product (paper)", "product"), ("2D only", "2d"), ("3D only", "3d"),
                     ("fused: sum", "sum"), ("fused: max", "max"))
+# Every published term plus the per-pixel MSE ("restoration"), invalid pixels masked, true soft census.
+_ALL = {"w_similarity": 1.0, "w_census": 1.0, "w_local_mean": 1.0, "w_smoothness": 1.0,
+        "w_restoration": 1.0, "census": "soft", "mask_invalid": True}
+_NONE = {k: 0.0 for k in _ALL if k.startswith("w_")}
 LOSS_VARIANTS = (
-    ("all losses (default)", {}),
-    ("similarity (ZNSSD) only", {"w_census": 0.0, "w_local_mean": 0.0, "w_smoothness": 0.0}),
-    ("soft census only", {"w_similarity": 0.0, "w_local_mean": 0.0, "w_smoothness": 0.0}),
-    ("reference local-mean 'census' instead of soft census", {"census": "reference"}),
-    ("invalid-pixel masking off", {"mask_invalid": False}),
+    ("package default (the profile's recipe)", {}),
+    ("all losses (ZNSSD + soft census + local mean + smoothness + MSE)", _ALL),
+    ("similarity (ZNSSD) only", {**_ALL, **_NONE, "w_similarity": 1.0}),
+    ("soft census only", {**_ALL, **_NONE, "w_census": 1.0}),
+    ("all losses, reference local-mean 'census' instead of soft census", {**_ALL, "census": "reference"}),
+    ("all losses, invalid-pixel masking off", {**_ALL, "mask_invalid": False}),
 )
 
 
@@ -95,7 +101,7 @@ def run_dataset(name, root, category, epochs, profile, out_dir, train_shots=None
     from mafr_ros.core.losses import LossConfig
     from mafr_ros.data.formats import open_dataset
     from mafr_ros.data.preprocess import PreprocessCache, preprocess_sample
-    from mafr_ros.train import TrainConfig, train
+    from mafr_ros.train import TrainConfig, profile_loss, train
 
     started = time.time()
     cache_dir = out_dir / "cache"
@@ -105,9 +111,11 @@ def run_dataset(name, root, category, epochs, profile, out_dir, train_shots=None
     results = {"scoring": {}, "training": {}}
     n_train, labels = None, None
     for index, (label, overrides) in enumerate(LOSS_VARIANTS):
+        # The whole loss is given explicitly (the profile's, then the variant's settings), so the
+        # profile cannot override a variant.
+        loss = LossConfig.from_dict({**profile_loss(profile).to_dict(), **overrides})
         cfg = TrainConfig(profile=profile, epochs=epochs, progress=False, shots=train_shots,
-                          cache_dir=str(cache_dir),
-                          loss=LossConfig.from_dict({**LossConfig().to_dict(), **overrides}))
+                          cache_dir=str(cache_dir), loss=loss, loss_from_profile=False)
         checkpoint = out_dir / "models" / f"{name}_{index}.safetensors"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -154,8 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "cable_gland"],
                         choices=["synthetic", "cable_gland"])
     parser.add_argument("--profile", default="lite", choices=["lite", "paper"])
-    parser.add_argument("--epochs-synthetic", type=int, default=5)
-    parser.add_argument("--epochs-real", type=int, default=4)
+    parser.add_argument("--epochs-synthetic", type=int, default=4)
+    parser.add_argument("--epochs-real", type=int, default=3)
     parser.add_argument("--synthetic-train", type=int, default=30)
     parser.add_argument("--mvtec-root", type=Path, default=CABLE_GLAND_ROOT,
                         help="MVTec 3D-AD root holding cable_gland (default ../shared/data/mvtec3d)")
