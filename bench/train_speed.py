@@ -10,12 +10,13 @@ Three schemes per profile, all on the same preprocessed synthetic frames:
    loss ``LossConfig.reference()``);
 2. ``cache, same step``: the same full-grid step on features computed once beforehand (isolates
    what the cache alone saves);
-3. ``cache, package default``: the real ``train.train_heads`` with the package's defaults (crops of
-   64 px centred on the part, batch 8, invalid pixels masked, the profile's loss).
+3. ``cache, package default``: the real ``train.train_heads`` with the package's defaults (the
+   profile's crop size, crops centred on the part, batch 8, invalid pixels masked, the profile's
+   loss).
 
 Throughput is in images per second per epoch (one epoch = every training image once); schemes 2 and
 3 are shown in steady state and with the one-off feature caching amortised over the profile's
-default schedule (40 epochs lite, 100 paper). ``--tile``: on a CPU a full-grid step of the paper
+default schedule (``train.DEFAULT_EPOCHS``). ``--tile``: on a CPU a full-grid step of the paper
 heads takes minutes, so by default ("auto": 64 on CPU for the paper profile, off otherwise) the
 full-grid steps of schemes 1 and 2 are timed on S x S tiles and scaled by the token count
 (224^2 / S^2): the heads are per-pixel MLPs and every loss term is local, so their cost is linear
@@ -41,9 +42,8 @@ from _core_common import machine_info, machine_line, markdown_table, median, syn
 
 from mafr_ros.core.detector import Detector  # noqa: E402
 from mafr_ros.core.losses import LossConfig, mafr_loss  # noqa: E402
-from mafr_ros.core.profiles import get_profile  # noqa: E402
 from mafr_ros.data.preprocess import preprocess  # noqa: E402
-from mafr_ros.train import DEFAULT_EPOCHS, TrainConfig, cache_features, train_heads  # noqa: E402
+from mafr_ros.train import DEFAULT_EPOCHS, TrainConfig, cache_features, profile_loss, train_heads  # noqa: E402,E501
 
 
 def reference_step(heads, optimiser, f2d, f3d, tile: int | None, use_amp: bool):
@@ -104,8 +104,8 @@ def bench_profile(name: str, inputs, steps: int, tile, device) -> dict:
     same_step = median(same)
 
     # 3. cache + the package's default training loop (train.train_heads), one epoch per repeat
-    cfg = TrainConfig(profile=name, progress=False, device=str(device))
-    cfg.loss = LossConfig.from_dict({**cfg.loss.to_dict(), **dict(get_profile(name).loss_overrides)})
+    cfg = TrainConfig(profile=name, progress=False, device=str(device), loss=profile_loss(name),
+                      loss_from_profile=False)
     cfg.epochs = 1
     if name == "paper" and device.type == "cpu":
         cfg.batch_size = 1  # same tokens per epoch; keeps one CPU step under a minute
@@ -122,6 +122,7 @@ def bench_profile(name: str, inputs, steps: int, tile, device) -> dict:
         "reference_s_per_image": reference, "cache_s_per_image": cache_per_image,
         "same_step_s_per_image": same_step, "default_s_per_image": default_step,
         "schedule_epochs": schedule, "batch_size_default": cfg.batch_size,
+        "crop_default": cfg.resolved_crop(), "loss_default": cfg.loss.to_dict(),
     }
 
 
@@ -133,8 +134,8 @@ def table(results: list[dict]) -> str:
         amortised = r["cache_s_per_image"] / e
         for label, per_image in (("reference: backbones every step, full grid, batch 1", ref),
                                  ("cache, same full-grid step", r["same_step_s_per_image"]),
-                                 (f"cache, package default (crops 64, batch {r['batch_size_default']}, "
-                                  "masked)", r["default_s_per_image"])):
+                                 (f"cache, package default (crops {r['crop_default']}, batch "
+                                  f"{r['batch_size_default']}, masked)", r["default_s_per_image"])):
             cached = label.startswith("cache")
             with_cache = per_image + (amortised if cached else 0.0)
             rows.append([r["profile"], label, f"{per_image:.3f}", f"{1 / per_image:.3g}",
