@@ -158,7 +158,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "best-effort Fast DDS are mostly lost with default transports: prefer reliable, or "
               "set FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA", read_only=True,
               choices=tuple(RELIABILITY)),
-    ParamSpec("qos.input.depth", 5, "input subscription history depth (KEEP_LAST)",
+    ParamSpec("qos.input.depth", 10, "input subscription history depth (KEEP_LAST); 10 covers a "
+              "250 ms detector stall at 30 Hz (8 messages)",
               read_only=True, range=(1, 1000)),
     ParamSpec("qos.output.reliability", "reliable", "output publishers' reliability",
               read_only=True, choices=tuple(RELIABILITY)),
