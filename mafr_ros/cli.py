@@ -164,7 +164,8 @@ def _cmd_synth(args):
 
 def _cmd_preprocess(args):
     from tqdm import tqdm
-    from .data.mvtec import MVTecDataset, list_categories
+    from .data.formats import open_dataset
+    from .data.mvtec import list_categories
     from .data.preprocess import PreprocessCache, PreprocessConfig, preprocess_sample
     cache = PreprocessCache(args.cache_dir) if args.cache_dir else PreprocessCache()
     cfg = PreprocessConfig()
@@ -173,7 +174,7 @@ def _cmd_preprocess(args):
     for category in categories:
         for split in ("train", "validation", "test"):
             try:
-                dataset = MVTecDataset(args.dataset, category, split)
+                dataset = open_dataset(args.dataset, category, split)
             except Exception as exc:  # a class without a validation split, say
                 print(f"skip {category}/{split}: {exc}")
                 continue
