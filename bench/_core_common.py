@@ -14,18 +14,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def machine_info() -> dict:
-    import torch
-
-    model = platform.processor() or "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (every benchmark names its machine)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> dict:
+    import torch
+
+    model = cpu_model()
     gpu = "-"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -32,6 +32,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from mafr_ros.geometry import depth_to_xyz  # noqa: E402
+from _core_common import cpu_model  # noqa: E402
 from mafr_ros.ros.conversions import (  # noqa: E402
     array_to_image, camera_info_to_intrinsics, depth_from_image, image_to_array,
     pointcloud2_to_xyz, rgb_from_image, xyz_to_pointcloud2)
@@ -41,15 +42,7 @@ HEIGHT, WIDTH = 480, 640
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     return (f"{model}; {os.cpu_count()} logical cores (this process may use {affinity}); "
             f"Python {platform.python_version()}; NumPy {np.__version__}; {platform.platform()}")
