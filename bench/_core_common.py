@@ -9,21 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (every benchmark names its machine)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from mafr_ros.machine import cpu_model, load_average  # noqa: E402
 
 
 def machine_info() -> dict:
@@ -34,10 +23,7 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu = f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), CUDA {torch.version.cuda}"
-    try:
-        load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        load = "?"
+    load = load_average()
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu, "load_average": load, "torch": torch.__version__,
             "python": platform.python_version()}

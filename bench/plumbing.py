@@ -32,7 +32,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from mafr_ros.geometry import depth_to_xyz  # noqa: E402
-from _core_common import cpu_model  # noqa: E402
+from mafr_ros.machine import cpu_model  # noqa: E402
 from mafr_ros.ros.conversions import (  # noqa: E402
     array_to_image, camera_info_to_intrinsics, depth_from_image, image_to_array,
     pointcloud2_to_xyz, rgb_from_image, xyz_to_pointcloud2)

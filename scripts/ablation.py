@@ -186,12 +186,10 @@ def main(argv=None) -> int:
             root, category, epochs = args.mvtec_root, "cable_gland", args.epochs_real
         done.append(run_dataset(name, root, category, epochs, args.profile, out, args.train_shots,
                                 log=lambda m: print(m, flush=True)))
-    cpu = "unknown CPU"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-"
+    from mafr_ros.machine import cpu_model, gpu_name
+
+    cpu = cpu_model()
+    gpu = gpu_name()
     settings = [f"{d['name']}: {d['root']} / {d['category']}, {d['n_train']} training images, "
                 f"{d['n_test']} test images ({d['n_good']} good, {d['n_defect']} defective), "
                 f"{d['epochs']} epochs per trained variant, {d['seconds']:.0f} s" for d in done]

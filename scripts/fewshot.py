@@ -119,14 +119,12 @@ def main(argv=None) -> int:
                   f"AUPRO {metrics['aupro']:.3f} ({train_seconds:.0f} s)", flush=True)
     table, doc = summarise(runs, args.shots)
     epochs = sorted({r["epochs"] for r in runs})
-    cpu = "unknown CPU"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from mafr_ros.machine import cpu_model, gpu_name
+
+    cpu = cpu_model()
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-"
+    gpu = gpu_name()
     settings = (f"profile {args.profile}, dataset {root} category {args.category}, epochs {epochs}, "
                 f"seeds {args.seeds} (shots seed s, training seed 115 + s), test split evaluated in full; "
                 f"machine {cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}, "
