@@ -425,6 +425,30 @@ def test_latest_frame_wins_and_every_set_is_accounted_for(rigs):
     assert dropped >= 1  # inference takes far longer than 30 ms: older sets were replaced
 
 
+def test_killed_detector_process_fails_one_frame_and_is_restarted(rigs):
+    """detector.isolation process (the default): the node outlives its detector."""
+    import psutil
+
+    rig = rigs["depth"]
+    children = [p for p in psutil.Process(rig.node.pid).children()
+                if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(children) == 1, [p.cmdline() for p in children]
+    before = rig.failed("detector_crashed")
+    children[0].kill()
+    deadline = time.monotonic() + 10
+    while children[0].status() != psutil.STATUS_ZOMBIE:  # the node reaps it on the next frame
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rig.send(source="synthetic")
+    values = rig.wait_counter("failed.detector_crashed", before + 1)
+    assert "detector process died" in values["last_failure"], values
+    assert "frame dropped [detector_crashed]" in rig.node.log()
+    # The failure is counted once the new child is up: the next frame is answered.
+    stamp = rig.send(source="synthetic")
+    check_result(rig.result(stamp), stamp)
+    assert "restarted it" in values["last_failure"], values
+
+
 # --------------------------------------------------------------------------------------------------
 # Points mode
 # --------------------------------------------------------------------------------------------------

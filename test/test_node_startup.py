@@ -41,6 +41,10 @@ def test_unusable_checkpoints_and_parameters_stop_the_node(tmp_path):
                         ["qos.input.reliability", "best_effort, reliable, system_default"]),
         "roi": (["-p", "roi:=[10,10,-20,30]"], ["roi", "positive"]),
         "device": (["-p", "device:=tpu"], ["device", "tpu"]),
+        "isolation": (["-p", "detector.isolation:=fork"], ["detector.isolation", "process, thread"]),
+        # The default loads in a child process; the in-process loader reports the same way.
+        "garbage_in_thread": (["-p", f"checkpoint:={garbage}", "-p", "detector.isolation:=thread"],
+                              [str(garbage), "corrupt"]),
     }
     # All at once (the parameter cases stop before torch is even imported).
     procs = {name: _start(*args, "-r", f"__ns:=/startup_{name}") for name, (args, _) in cases.items()}

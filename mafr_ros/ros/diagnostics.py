@@ -36,6 +36,7 @@ FAILURE_REASONS = (
     "no_part_found",         # nothing left after the detector's background removal
     "out_of_order",          # a set older than the last one processed (reordered or late)
     "detector_input",        # the detector refused the frame (InputError)
+    "detector_crashed",      # the detector's child process died on the frame (it is restarted)
     "internal_error",        # a bug: logged with its traceback
 )
 

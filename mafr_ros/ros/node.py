@@ -60,6 +60,7 @@ from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
+from ..core.detector_process import DetectorCrashed
 from ..errors import CheckpointError, InputError, MafrError
 from ..geometry import depth_to_xyz, project_points_to_grid
 from . import conversions
@@ -136,6 +137,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "model (models/lite_synthetic.safetensors)", read_only=True),
     ParamSpec("device", "auto", "torch device: auto (CUDA if available, else CPU), cpu, cuda or "
               "cuda:N", read_only=True),
+    ParamSpec("detector.isolation", "process", "process: the detector runs in a child process "
+              "(frames in shared memory), so its GIL-holding C calls (Open3D FPFH, up to 250 ms) "
+              "never stall the node's callbacks, and a crashed detector is restarted; thread: in "
+              "a worker thread of the node process", read_only=True,
+              choices=("process", "thread")),
     ParamSpec("input_mode", "depth", "depth: rgb + registered depth image + camera_info; points: "
               "rgb + PointCloud2 (organised and pixel-registered, or unorganised and projected "
               "through camera_info)", read_only=True, choices=("depth", "points")),
@@ -344,6 +350,7 @@ class MafrNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         self._config = _Config.from_node(self)
         self._input_mode = self.get_parameter("input_mode").value
+        self._isolation = self.get_parameter("detector.isolation").value
         self._detector = None
         self._base_thresholds = None
         self._stopping = False
@@ -390,9 +397,15 @@ class MafrNode(Node):
 
         checkpoint = self.get_parameter("checkpoint").value or str(default_model_path())
         device = self.get_parameter("device").value
-        self.get_logger().info(f"loading {checkpoint} on device '{device}'")
+        self.get_logger().info(f"loading {checkpoint} on device '{device}' (detector isolation: "
+                               f"{self._isolation})")
+        t0 = time.perf_counter()
         try:
-            self._detector = Detector.from_checkpoint(checkpoint, device=device)
+            if self._isolation == "process":  # loads and warms up in the child
+                from ..core.detector_process import DetectorProcess
+                self._detector = DetectorProcess(checkpoint, device=device)
+            else:
+                self._detector = Detector.from_checkpoint(checkpoint, device=device)
         except InputError as error:  # e.g. device 'cuda' without a GPU
             raise StartupError(f"cannot use device '{device}': {error}") from None
         if self._detector.thresholds is None:
@@ -402,10 +415,11 @@ class MafrNode(Node):
         self._diag.info.update({
             "device": str(self._detector.device), "model_id": self._detector.model_id,
             "checkpoint": checkpoint, "input_mode": self._input_mode})
-        self._diag.set_state("warming_up")
-        self._publish_diagnostics()
-        t0 = time.perf_counter()
-        self._detector.warmup()
+        if self._isolation == "thread":
+            self._diag.set_state("warming_up")
+            self._publish_diagnostics()
+            t0 = time.perf_counter()
+            self._detector.warmup()
         warmup_s = time.perf_counter() - t0
 
         self._worker = threading.Thread(target=self._work, name="mafr_worker", daemon=True)
@@ -429,7 +443,7 @@ class MafrNode(Node):
         self._publish_diagnostics()
         reliability = self.get_parameter("qos.input.reliability").value
         self.get_logger().info(
-            f"ready: model {self._detector.model_id} on {self._detector.device} (warm-up "
+            f"ready: model {self._detector.model_id} on {self._detector.device} (load + warm-up "
             f"{warmup_s:.1f} s); input_mode {self._input_mode}: {self._topic_rgb} + "
             f"{self._topic_other} (+ {self._topic_info}), {reliability} depth "
             f"{self._in_qos.depth}; results on {self._pub_result.topic_name}")
@@ -445,6 +459,8 @@ class MafrNode(Node):
         self._slot.close()
         if self._worker is not None:
             self._worker.join(timeout_s)
+        if self._isolation == "process" and self._detector is not None:
+            self._detector.close()  # the child exits, the shared memory is unlinked
 
     @property
     def diagnostics(self) -> NodeDiagnostics:
@@ -560,6 +576,8 @@ class MafrNode(Node):
                 self._fail(error.reason, str(error))
             except InputError as error:
                 self._fail("detector_input", str(error))
+            except DetectorCrashed as error:
+                self._fail("detector_crashed", str(error))
             except Exception:  # a bug must not kill the worker: report it and carry on
                 if self._stopping:
                     return
@@ -653,7 +671,11 @@ class MafrNode(Node):
                 "camera_info of this image (scaled when the driver resizes)")
         return entry
 
-    def _buffer(self, shape: tuple) -> np.ndarray:
+    def _buffer(self, shape: tuple, detector_input: bool = False) -> np.ndarray:
+        """The xyz array to convert into: the detector process's shared-memory input when it is
+        the detector's input as a whole (then nothing is copied to the child)."""
+        if detector_input and self._isolation == "process":
+            return self._detector.input_buffers(shape[0], shape[1])[1]
         buffer = self._xyz_buffers.get(shape)
         if buffer is None:
             self._xyz_buffers.clear()  # one resolution at a time: no growth if it changes
@@ -674,7 +696,7 @@ class MafrNode(Node):
         rows, cols = roi.slices
         depth = depth[rows, cols]
         xyz = depth_to_xyz(depth, intrinsics, depth_scale=scale,
-                           out=self._buffer((roi.height, roi.width, 3)))
+                           out=self._buffer((roi.height, roi.width, 3), detector_input=True))
         return xyz, _count_valid_depth(depth)
 
     def _xyz_from_cloud(self, msg: PointCloud2, rgb_msg: Image, roi: Roi) -> np.ndarray:
@@ -683,8 +705,10 @@ class MafrNode(Node):
             self._check_registered(msg, rgb_msg, "the organised cloud",
                                    (int(msg.width), int(msg.height)))
             try:
+                whole = roi.is_full(int(msg.width), int(msg.height))
                 xyz = conversions.pointcloud2_to_xyz(
-                    msg, organised=True, out=self._buffer((int(msg.height), int(msg.width), 3)))
+                    msg, organised=True, out=self._buffer((int(msg.height), int(msg.width), 3),
+                                                          detector_input=whole))
             except InputError as error:
                 raise _FrameError("malformed_message", f"{self._topic_other}: {error}") from None
             return xyz[rows, cols]
