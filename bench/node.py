@@ -50,6 +50,7 @@ PROFILE = REPO / "bench" / "fastdds_large_frames.xml"
 sys.path.insert(0, str(REPO / "test" / "procs"))
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 
 def _seconds(duration) -> float:
@@ -98,7 +99,16 @@ def main():
     parser.add_argument("--camera-python-publish", action="store_true",
                         help="the camera converts its Python messages to CDR after stamping "
                              "(default: serialised before stamping, as a C++ driver publishes)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="a node parameter, as ros2 run's -p (repeatable), e.g. "
+                             "detector.isolation:=thread")
     args = parser.parse_args()
+    extra_params = {}
+    for item in args.param:
+        name, sep, value = item.partition(":=")
+        if not sep or not name:
+            parser.error(f"--param {item!r}: expected NAME:=VALUE")
+        extra_params[name] = yaml.safe_load(value)  # typed as a ROS parameter file would
     if args.transport == "large-shm":
         os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)  # node, camera and observer
     else:
@@ -117,6 +127,7 @@ def main():
               "diagnostics.period": 0.5}
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint
+    params.update(extra_params)
     log = Path(tempfile.mkdtemp(prefix="mafr_bench_")) / "node.log"
 
     observer = Observer("mafr_bench_observer")
