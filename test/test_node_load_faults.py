@@ -289,7 +289,11 @@ def test_camera_info_absent_for_2_s(processes, load_bag):
     publish_for(2.0, 0.2, keep_info=False)
     counts = _quiescent(replay, node)
     values = replay.detector_status()
-    assert counts["processed"] == 0 and int(values["failed.no_camera_info"]) == counts["matched"] >= 5
+    # Every set fails for this reason, except one the latest-wins slot replaced while the worker
+    # was still failing its predecessor (seen once on the loaded machine): dropped, and counted.
+    failed = int(values["failed.no_camera_info"])
+    assert counts["processed"] == 0 and counts["failed"] == failed >= 5, counts
+    assert failed + counts["dropped"] == counts["matched"], counts
     assert values["last_failure"].startswith("no_camera_info") and info_topic in \
         values["last_failure"], values
     assert "frame dropped [no_camera_info]" in node.log()
