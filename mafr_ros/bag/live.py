@@ -39,7 +39,8 @@ def stamp_ns(stamp) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
-def _param_text(value) -> str:
+def ros_param_text(value) -> str:
+    """A Python value as the text of a ``-p name:=value`` ROS argument."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
@@ -63,7 +64,7 @@ class NodeProcess:
             args += ["--params-file", str(params_file)]
         args += ["-r", f"__ns:={self.namespace}"]
         for name, value in (params or {}).items():
-            args += ["-p", f"{name}:={_param_text(value)}"]
+            args += ["-p", f"{name}:={ros_param_text(value)}"]
         args += list(extra_args)
         self.args = args
         if log_path is None:

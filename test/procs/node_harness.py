@@ -25,6 +25,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from mafr_ros.bag.live import ros_param_text, stamp_ns  # noqa: F401 (stamp_ns: re-exported for the tests)
 from mafr_ros.ros.memory import keep_large_allocations_on_heap
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,10 +33,6 @@ PROCS = Path(__file__).resolve().parent
 KINECT_DIR = REPO.parent / "shared" / "data" / "kinect_rgbd"
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50,
                       reliability=ReliabilityPolicy.RELIABLE)
-
-
-def stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 class NodeProcess:
@@ -49,7 +46,7 @@ class NodeProcess:
         if checkpoint and "checkpoint" not in params:
             params = dict(params, checkpoint=checkpoint)
         for name, value in params.items():
-            args += ["-p", f"{name}:={_param_text(value)}"]
+            args += ["-p", f"{name}:={ros_param_text(value)}"]
         args += list(extra_args)
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
@@ -68,14 +65,6 @@ class NodeProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
-
-
-def _param_text(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
 
 
 class CameraProcess:
