@@ -60,8 +60,7 @@ def load_frame():
 def run_child(profile: str, device_name: str, precision: str, repeats: int, full_repeats: int) -> dict:
     import torch
 
-    from mafr_ros.core.align import farthest_point_sample, feature_valid_mask, nearest_neighbours, \
-        spread_group_features, upsample_patch_features
+    from mafr_ros.core.align import feature_valid_mask, spread_group_features, upsample_patch_features
     from mafr_ros.core.detector import Detector
     from mafr_ros.core.extractors.base import valid_mask_from_xyz
     from mafr_ros.core.scoring import Thresholds, fuse_maps, restoration_errors, smooth_maps
@@ -110,17 +109,9 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
             points_valid = torch.ones(1, count, dtype=torch.bool, device=device)
 
             def three_d():
-                centres_index = stage("  of which FPS", lambda: farthest_point_sample(
-                    points, xyz_ext.n_groups, points_valid))
-                centres = torch.gather(points, 1, centres_index.unsqueeze(2).expand(-1, -1, 3))
-                _, neighbour_index = stage("  of which grouping (KNN)", lambda: nearest_neighbours(
-                    centres, points, xyz_ext.group_size, points_valid))
-                b, g, k = neighbour_index.shape
-                neighbours = torch.gather(points, 1, neighbour_index.view(b, g * k, 1).expand(-1, -1, 3))
-                hoods = neighbours.view(b, g, k, 3) - centres.unsqueeze(2)
-                group_tokens = xyz_ext._encode_groups(hoods)
-                outputs = xyz_ext.blocks(group_tokens, xyz_ext.pos_embed(centres), xyz_ext.fetch_blocks)
-                return centres, torch.cat([xyz_ext.norm(x) for x in outputs], dim=2)
+                names = {"FPS": "  of which FPS", "KNN": "  of which grouping (KNN)"}
+                return xyz_ext.group_features(points, points_valid,
+                                              run_stage=lambda name, fn: stage(names[name], fn))
 
             centres, group_feats = stage("3D features", three_d)
             f3d = stage("3D alignment", lambda: spread_group_features(xyz, centres, group_feats.float(),

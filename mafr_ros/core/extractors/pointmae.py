@@ -218,12 +218,17 @@ class PointMAEExtractor(FeatureExtractor):
                             for i in range(0, b * g, self.encoder_chunk)])
         return tokens.view(b, g, self.width)
 
-    def group_features(self, points: torch.Tensor, points_valid: torch.Tensor
+    def group_features(self, points: torch.Tensor, points_valid: torch.Tensor, run_stage=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded clouds (B, N, 3) + validity (B, N) -> centres (B, 1024, 3), features (B, 1024, 1152)."""
-        centre_index = farthest_point_sample(points, self.n_groups, points_valid)
+        """Padded clouds (B, N, 3) + validity (B, N) -> centres (B, 1024, 3), features (B, 1024, 1152).
+
+        ``run_stage(name, fn)``, when given, runs the sampling ("FPS") and grouping ("KNN") steps
+        so that a benchmark can time them inside this one implementation."""
+        run = run_stage or (lambda _name, fn: fn())
+        centre_index = run("FPS", lambda: farthest_point_sample(points, self.n_groups, points_valid))
         centres = torch.gather(points, 1, centre_index.unsqueeze(2).expand(-1, -1, 3))
-        _, neighbour_index = nearest_neighbours(centres, points, self.group_size, points_valid)
+        _, neighbour_index = run("KNN", lambda: nearest_neighbours(centres, points, self.group_size,
+                                                                   points_valid))
         b, g, k = neighbour_index.shape
         neighbours = torch.gather(points, 1, neighbour_index.view(b, g * k, 1).expand(-1, -1, 3))
         neighbourhoods = neighbours.view(b, g, k, 3) - centres.unsqueeze(2)
