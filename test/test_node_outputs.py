@@ -124,6 +124,33 @@ def test_regions_match_the_definition_with_every_kind_of_invalid_point(seed):
         find_regions(scores, xyz[:, 1:], min_area=min_area)
 
 
+@pytest.mark.parametrize("blobs", [1, 2, 4, 5, 40])
+def test_regions_by_mask_and_by_sorted_pass_both_match_the_definition(blobs):
+    # find_regions reduces up to 4 regions through their masks and more in one sorted pass:
+    # both sides of that boundary, with invalid points inside the regions.
+    rng = np.random.default_rng(blobs)
+    scores = np.zeros((120, 160), np.float32)
+    xyz = rng.normal(0.0, 0.5, (120, 160, 3)).astype(np.float32)
+    xyz[rng.random((120, 160)) < 0.2] = np.nan
+    xyz[rng.random((120, 160)) < 0.1] = 0.0
+    for index in range(blobs):  # separated 3x3..7x7 squares on a 10-pixel lattice
+        row, col = divmod(index, 14)
+        size = int(rng.integers(3, 8))
+        scores[5 + 10 * row: 5 + 10 * row + size, 5 + 10 * col: 5 + 10 * col + size] = \
+            rng.uniform(0.51, 1.0, (size, size))
+    reference = _regions_reference(scores, xyz, 1, (7, 3))
+    regions = find_regions(scores, xyz, min_area=1, offset=(7, 3))
+    assert len(regions) == len(reference) == blobs
+    for region, ref in zip(regions, reference):
+        assert (region.x, region.y, region.width, region.height) == ref["box"]
+        assert region.area_px == ref["area"] and region.peak_score == ref["peak"]
+        assert region.mean_score == pytest.approx(ref["mean"], rel=1e-9)
+        assert region.num_points == len(ref["pts"])
+        np.testing.assert_allclose(region.centroid, ref["pts"].mean(0), rtol=1e-9)
+        np.testing.assert_array_equal(region.box_min, ref["pts"].min(0))
+        np.testing.assert_array_equal(region.box_max, ref["pts"].max(0))
+
+
 def test_region_without_points_has_nan_geometry_and_small_regions_are_dropped():
     scores = np.zeros((50, 60), np.float32)
     scores[5:8, 5:8] = 0.9        # 9 px, over missing depth

@@ -48,6 +48,9 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 # Smallest marker edge (m): a flat region (a scratch) has zero extent along the normal, and RViz
 # draws nothing for a zero scale.
 _MIN_MARKER_SIZE = 0.002
+# Up to this many regions, find_regions reduces each through its own mask (cheapest for few
+# large regions); beyond, one sorted pass serves them all.
+_FEW_REGIONS = 4
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,13 @@ def find_regions(normalized_map: np.ndarray, xyz: np.ndarray | None, min_area: i
     offset: (x, y) of the map's top-left pixel in the full image (the ROI origin).
 
     Cost (it runs on every frame, between the detector and the result): labelling runs on the
-    bounding box of the pixels above threshold only, and every statistic is one reduceat over
-    the region pixels sorted by label (no Python loop over pixels; ndimage.find_objects and
-    ufunc.at are 10-100x slower when a noisy map has thousands of tiny components). The only
-    per-region Python work is building the list. 640x480 Kinect frame: 3.5 ms (was 9.6 ms with
-    full-image passes and boolean row selection).
+    bounding box of the pixels above threshold only. With up to ``_FEW_REGIONS`` regions (the
+    usual case: the map is a smooth upsampled grid map), each region's pixels and points are
+    selected with its mask and reduced with plain SIMD reductions; with more (a noisy map with
+    thousands of tiny components) every statistic is one reduceat over the region pixels sorted
+    by label, so the cost never grows with the number of regions (ndimage.find_objects and
+    ufunc.at are 10-100x slower there). 640x480 Kinect frame, one 48k-pixel region: 1.6 ms
+    (3.5 ms with the sorted reduceat path for every map, 9.6 ms with full-image passes).
     """
     scores = np.asarray(normalized_map)
     if scores.ndim != 2:
@@ -149,36 +154,108 @@ def find_regions(normalized_map: np.ndarray, xyz: np.ndarray | None, min_area: i
     col_any = np.flatnonzero(above.any(axis=0))
     top0, left0 = int(row_any[0]), int(col_any[0])
     box = (slice(top0, int(row_any[-1]) + 1), slice(left0, int(col_any[-1]) + 1))
-    labels, count = ndimage.label(above[box], structure=_EIGHT_CONNECTED)
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=count + 1)
+    above_box = above[box]
+    labels, count = ndimage.label(above_box, structure=_EIGHT_CONNECTED)
+    area = np.bincount(labels.ravel(), minlength=count + 1)
     keep = area >= max(1, int(min_area))
     keep[0] = False
-    if not keep.any():
+    kept = np.flatnonzero(keep)                  # label ids, ascending
+    if kept.size == 0:
         return []
+    if kept.size <= _FEW_REGIONS:
+        stats = _stats_per_mask(scores[box], None if xyz is None else xyz[box], labels, count,
+                                above_box, kept, area)
+    else:
+        stats = _stats_sorted(scores, xyz, labels, box, keep, area)
+    top, left, bottom, right, peak, mean, num_points, centroid, box_min, box_max = stats
+
+    # Extents are box-relative: the box origin plus the map's offset in the full image.
+    x0, y0 = left0 + int(offset[0]), top0 + int(offset[1])
+    regions = []
+    for rank, k in enumerate(np.argsort(-peak, kind="stable")):
+        regions.append(Region(
+            id=rank, x=int(left[k]) + x0, y=int(top[k]) + y0, width=int(right[k] - left[k] + 1),
+            height=int(bottom[k] - top[k] + 1), area_px=int(area[kept[k]]),
+            peak_score=float(peak[k]), mean_score=float(mean[k]), num_points=int(num_points[k]),
+            centroid=tuple(float(v) for v in centroid[k]),
+            box_min=tuple(float(v) for v in box_min[k]),
+            box_max=tuple(float(v) for v in box_max[k])))
+    return regions
+
+
+def _empty_geometry(n: int):
+    return (np.zeros(n, dtype=np.int64), np.full((n, 3), np.nan), np.full((n, 3), np.nan),
+            np.full((n, 3), np.nan))
+
+
+def _stats_per_mask(scores, xyz, labels, count, above, kept, area):
+    """Per-region statistics, region by region through its mask (few regions). Arrays are the
+    labelled box; pixel extents are box-relative. Returns the tuple _stats_sorted returns."""
+    n = kept.size
+    extents = np.zeros((4, n), dtype=np.int64)   # top, left, bottom, right
+    peak, mean = np.empty(n), np.empty(n)
+    num_points, centroid, box_min, box_max = _empty_geometry(n)
+    for i, label in enumerate(kept):
+        if count == 1:  # the box is the bounding box of the pixels above threshold
+            member, top, left = above, 0, 0
+            bottom, right = above.shape[0] - 1, above.shape[1] - 1
+        else:
+            member = labels == label
+            rows = np.flatnonzero(member.any(axis=1))
+            cols = np.flatnonzero(member.any(axis=0))
+            top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+            member = member[top:bottom + 1, left:right + 1]
+        extents[:, i] = top, left, bottom, right
+        own = (slice(top, bottom + 1), slice(left, right + 1))
+        values = scores[own][member]
+        peak[i] = values.max()
+        mean[i] = values.sum(dtype=np.float64) / area[label]
+        if xyz is None:
+            continue
+        # One coordinate at a time: 1-D selections and reductions are 10-50x faster than the
+        # same on an (n, 3) array (axis-0 reductions over 3-element rows).
+        region_xyz = xyz[own]
+        coords = [region_xyz[..., axis][member] for axis in range(3)]
+        # Valid = all three finite and not (0, 0, 0), as geometry.valid_mask.
+        ok = np.isfinite(coords[0])
+        nonzero = coords[0] != 0
+        for values_of in coords[1:]:
+            ok &= np.isfinite(values_of)
+            nonzero |= values_of != 0
+        ok &= nonzero
+        valid = int(np.count_nonzero(ok))
+        num_points[i] = valid
+        if valid == 0:
+            continue
+        if valid < ok.size:
+            coords = [values_of[ok] for values_of in coords]
+        for axis, values_of in enumerate(coords):
+            box_min[i, axis] = values_of.min()
+            box_max[i, axis] = values_of.max()
+            centroid[i, axis] = values_of.sum(dtype=np.float64) / valid
+    top, left, bottom, right = extents
+    return top, left, bottom, right, peak, mean, num_points, centroid, box_min, box_max
+
+
+def _stats_sorted(scores, xyz, labels, box, keep, area):
+    """Per-region statistics as reduceats over the kept pixels sorted by label (many regions);
+    pixel extents are box-relative. Full-size ``scores`` / ``xyz``, ``box`` the labelled box."""
+    flat = labels.ravel()
     inside = np.flatnonzero(keep[flat])          # box-flat indices of kept-region pixels
     lab = flat[inside]
-    if np.count_nonzero(keep) > 1:  # one region (the common case) is sorted already
-        order = np.argsort(lab, kind="stable")
-        inside, lab = inside[order], lab[order]
+    order = np.argsort(lab, kind="stable")
+    inside, lab = inside[order], lab[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
     ids = lab[starts]
-    box_width = labels.shape[1]
-    rows, cols = np.divmod(inside, box_width)
-    rows += top0
-    cols += left0
-    image_index = rows * scores.shape[1] + cols
+    rows, cols = np.divmod(inside, labels.shape[1])
+    image_index = (rows + box[0].start) * scores.shape[1] + (cols + box[1].start)
     values = scores.ravel()[image_index].astype(np.float64)
     peak = np.maximum.reduceat(values, starts)
     mean = np.add.reduceat(values, starts) / area[ids]
     top, bottom = np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts)
     left, right = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
 
-    n = len(ids)
-    num_points = np.zeros(n, dtype=np.int64)
-    centroid = np.full((n, 3), np.nan)
-    box_min = np.full((n, 3), np.nan)
-    box_max = np.full((n, 3), np.nan)
+    num_points, centroid, box_min, box_max = _empty_geometry(len(ids))
     if xyz is not None:
         points = np.take(xyz.reshape(-1, 3), image_index, axis=0)
         x, y, z = (points[:, axis].astype(np.float64) for axis in range(3))
@@ -198,18 +275,7 @@ def find_regions(normalized_map: np.ndarray, xyz: np.ndarray | None, min_area: i
             centroid[present, axis] = sums[present] / num_points[present]
             box_min[present, axis] = lows[present]
             box_max[present, axis] = highs[present]
-
-    ox, oy = int(offset[0]), int(offset[1])
-    regions = []
-    for rank, k in enumerate(np.argsort(-peak, kind="stable")):
-        regions.append(Region(
-            id=rank, x=int(left[k]) + ox, y=int(top[k]) + oy, width=int(right[k] - left[k] + 1),
-            height=int(bottom[k] - top[k] + 1), area_px=int(area[ids[k]]),
-            peak_score=float(peak[k]), mean_score=float(mean[k]), num_points=int(num_points[k]),
-            centroid=tuple(float(v) for v in centroid[k]),
-            box_min=tuple(float(v) for v in box_min[k]),
-            box_max=tuple(float(v) for v in box_max[k])))
-    return regions
+    return top, left, bottom, right, peak, mean, num_points, centroid, box_min, box_max
 
 
 def region_to_msg(region: Region):
