@@ -46,6 +46,8 @@ _MARKER = "synthetic.json"
 # Camera: ~0.27 mm per pixel at 0.65 m for every image size (MVTec 3D-AD: ~0.25 mm).
 _FOCAL_PER_PIXEL = 2400.0 / 256.0
 _MM = 1e-3
+_FARTHEST_DISTANCE = 0.67  # metres: far end of the camera-to-plane range (largest pixel footprint)
+_MIN_CRACK_PIXELS = 1.5   # narrowest crack, in pixel footprints, that the sensor resolves
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,8 +477,15 @@ def _render_with_defect(category: str, defect_type: str, seeds: np.random.SeedSe
         return _render(part, None, size, scene_rng())
     defect_rng = stream(1)
     min_pixels = max(12, size * size // 3000)
+    # A crack narrower than the pixel footprint on the part falls between pixel centres and
+    # cannot be seen at all: at low resolutions (below ~190 px at the nominal distance) it is
+    # drawn _MIN_CRACK_PIXELS footprints wide instead. Larger images are unaffected.
+    min_crack_width = _MIN_CRACK_PIXELS * _FARTHEST_DISTANCE / intrinsics(size)["fx"]
     for _ in range(20):  # a defect hidden by pose/visibility is redrawn (seeded, so reproducible)
-        rendered = _render(part, _sample_defect(defect_type, part, defect_rng), size, scene_rng())
+        defect = _sample_defect(defect_type, part, defect_rng)
+        if defect.kind == "crack" and defect.width < min_crack_width:
+            defect.width = min_crack_width
+        rendered = _render(part, defect, size, scene_rng())
         if rendered.gt.sum() >= min_pixels:
             return rendered
     raise RuntimeError(f"could not place a visible {defect_type} defect on {category} at size {size}")
