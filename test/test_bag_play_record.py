@@ -143,6 +143,50 @@ def test_play_to_record_keeps_every_message_in_order_and_timing(bag5, node, tmp_
     assert 0.4 < (receive[-1] - receive[0]) / 1e9 < 2.0, gaps
 
 
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_recorder_spun_from_another_thread_writes_every_message(storage, bag5, node, tmp_path):
+    """The recorder is built here and its node spun by an executor in another thread (as the
+    live evaluation does): the storage is used only by the recorder's writer thread, so sqlite3
+    works too, and every received message is in the bag once it is closed."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    from mafr_ros.bag import BagRecorder, read_messages
+
+    recorder = BagRecorder(node, tmp_path / "rec", list(TOPICS.types()), storage=storage)
+    executor = SingleThreadedExecutor(context=node.context)
+    executor.add_node(node)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            recorder.poll()
+            executor.spin_once(timeout_sec=0.05)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    player = _mafr("play", bag5, "--rate", 4, "--wait-for-subscribers", 30)
+    try:
+        deadline = time.monotonic() + 60
+        while recorder.total < N_FRAMES * 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        spinner.join(10)
+        executor.shutdown(timeout_sec=0)
+        rc, out, err = _finish(player)
+        recorder.close()
+    assert rc == 0, err
+    assert recorder.counts == dict.fromkeys(TOPICS.types(), N_FRAMES)
+    recorded = list(read_messages(tmp_path / "rec"))
+    assert len(recorded) == N_FRAMES * 6
+    source = {m.topic: [] for m in read_messages(bag5)}
+    for m in read_messages(bag5):
+        source[m.topic].append(m.data)
+    for topic in TOPICS.types():
+        got = [m.data for m in recorded if m.topic == topic]
+        assert all(_same_message(r, d) for r, d in zip(got, source[topic], strict=True)), topic
+
+
 def test_loop_start_offset_remap_and_sigint(bag10, tmp_path):
     """--loop replays from --start-offset every pass; --remap renames; the recorder subprocess
     stops at --max-messages; SIGINT ends the looping player with code 0 and a summary."""

@@ -191,8 +191,8 @@ class LiveReplay:
             self.spin_error: Exception | None = None
             if record is not None:
                 from .recorder import BagRecorder
-                # MCAP: the recorder writes from the executor thread, and a sqlite3 connection may
-                # only be used by the thread that opened it.
+                # MCAP: one file per bag (any storage would work: the
+                # recorder writes on a thread of its own, whoever spins the node).
                 self.recorder = BagRecorder(
                     self.node, record, [f"{node_name}/{t}" if not t.startswith("/") else t
                                         for t in record_topics], storage="mcap", overwrite=True)

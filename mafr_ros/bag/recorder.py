@@ -11,13 +11,19 @@ QoS: by default each subscription adapts to the topic's publishers, like ``ros2 
 reliable if every publisher offers reliable (else best-effort), transient-local if every
 publisher offers it (else volatile). ``reliability`` forces one.
 
+Writing happens on a thread of the recorder's own: subscription callbacks only queue the bytes,
+so a slow disk never stalls the executor, and the storage is used by the one thread that opened
+it (a sqlite3 connection refuses use from any other), whichever thread spins the node.
+
 The writer is closed (metadata.yaml written) by :meth:`BagRecorder.close`, which
 :meth:`BagRecorder.record` calls on every exit path: duration, message count, stop event, error.
+A write that failed is raised by ``close`` (as ``InputError``, with the bag's path).
 """
 from __future__ import annotations
 
 import logging
 import math
+import queue
 import shutil
 import threading
 import time
@@ -118,12 +124,56 @@ class BagRecorder:
         self.done = threading.Event()
         self._lock = threading.Lock()
         self._subscriptions = {}
-        self._connections = {}
         self._total = 0
-        self._writer = Writer(self.path, version=version,
-                              storage_plugin=StoragePlugin[storage.upper()])
-        self._writer.open()
         self._closed = False
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._write_error: BaseException | None = None
+        opened = threading.Event()
+        writer = Writer(self.path, version=version, storage_plugin=StoragePlugin[storage.upper()])
+        self._thread = threading.Thread(target=self._write_loop, args=(writer, opened),
+                                        name="bag_writer", daemon=True)
+        self._thread.start()
+        opened.wait()
+        if self._write_error is not None:
+            self._thread.join()
+            raise InputError(f"cannot open {self.path} for writing: {self._write_error}") \
+                from self._write_error
+
+    # ---- the writer thread -------------------------------------------------------------------
+
+    _STOP = object()
+
+    def _write_loop(self, writer, opened: threading.Event) -> None:
+        """Open the storage, then add connections and write messages in queue order until close.
+        After a failure the remaining jobs are drained unwritten and the error kept for close."""
+        try:
+            writer.open()
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            self._write_error = exc
+            opened.set()
+            return
+        opened.set()
+        connections = {}
+        while True:
+            job = self._jobs.get()
+            if job is self._STOP:
+                break
+            if self._write_error is not None:
+                continue
+            try:
+                if job[0] == "connection":
+                    _, topic, msgtype, typestore = job
+                    connections[topic] = writer.add_connection(topic, msgtype, typestore=typestore)
+                else:
+                    _, topic, stamp, data = job
+                    writer.write(connections[topic], stamp, data)
+            except BaseException as exc:  # noqa: BLE001 - raised by close()
+                self._write_error = exc
+                _LOG.error("writing %s failed: %s (later messages are not written)", self.path, exc)
+        try:
+            writer.close()
+        except BaseException as exc:  # noqa: BLE001
+            self._write_error = self._write_error or exc
 
     # ---- subscriptions -----------------------------------------------------------------------
 
@@ -176,8 +226,7 @@ class BagRecorder:
                              "for %s has %s (a different distro's type?); the bag keeps the "
                              "local definition", topic, ", ".join(sorted(offered)), msgtype, digest)
             with self._lock:
-                self._connections[topic] = self._writer.add_connection(
-                    topic, msgtype, typestore=typestore)
+                self._jobs.put(("connection", topic, msgtype, typestore))
                 self.counts[topic] = 0
                 self.types[topic] = msgtype
             self._subscriptions[topic] = self.node.create_subscription(
@@ -194,7 +243,7 @@ class BagRecorder:
             with self._lock:
                 if self._closed or self.done.is_set():
                     return
-                self._writer.write(self._connections[topic], stamp, data)
+                self._jobs.put(("message", topic, stamp, bytes(data)))
                 self.counts[topic] += 1
                 self._total += 1
                 if self.max_messages is not None and self._total >= self.max_messages:
@@ -255,7 +304,8 @@ class BagRecorder:
                            seconds=time.monotonic() - started, reason=reason)
 
     def close(self) -> None:
-        """Destroy the subscriptions and finish the bag (metadata.yaml); idempotent."""
+        """Destroy the subscriptions, write what is queued and finish the bag (metadata.yaml);
+        idempotent. Raises InputError if any write failed (the bag then lacks those messages)."""
         for subscription in self._subscriptions.values():
             self.node.destroy_subscription(subscription)
         self._subscriptions = {}
@@ -263,11 +313,19 @@ class BagRecorder:
             if self._closed:
                 return
             self._closed = True
-            self._writer.close()
+            self._jobs.put(self._STOP)
+        self._thread.join()
+        if self._write_error is not None:
+            raise InputError(f"recording into {self.path} failed: {self._write_error}; the bag "
+                             "is incomplete (check free disk space and permissions)") \
+                from self._write_error
 
     def abort(self) -> None:
-        """Close and delete the partial bag."""
-        self.close()
+        """Close and delete the partial bag (a failed write does not matter any more)."""
+        try:
+            self.close()
+        except InputError:
+            pass
         shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self):
