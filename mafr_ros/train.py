@@ -218,6 +218,44 @@ def train_heads(detector: Detector, f2d, f3d, mask, cfg: TrainConfig):
     return history
 
 
+#: bf16 inference is allowed when, on the calibration images, no image score moves by more than
+#: this fraction of the image threshold ...
+HALF_SCORE_TOLERANCE = 0.02
+#: ... and at most this fraction of their valid pixels changes its pixel decision.
+HALF_PIXEL_FLIP_TOLERANCE = 0.001
+
+
+@torch.no_grad()
+def half_precision_check(detector: Detector, inputs, scores, maps, valid, thresholds: Thresholds,
+                         batch_size: int = 8) -> dict:
+    """Score the calibration images again with bf16 autocast and compare with the fp32 result:
+    the verdict (``half_precision``) is what lets ``precision: auto`` run this checkpoint in bf16
+    on a GPU. bf16 rounds the same way on every device, so the check means the same when it runs
+    on the CPU that trained the model (there it is slower than fp32, but only a few images)."""
+    previous = detector.precision
+    detector.set_precision("bf16")
+    try:
+        half_maps, half_scores = [], []
+        for start in range(0, len(inputs), batch_size):
+            m, s = detector.score_inputs(inputs[start:start + batch_size])
+            half_maps.append(m.float().cpu())
+            half_scores.append(s.float().cpu())
+    finally:
+        detector.precision = previous
+    half_maps = torch.cat(half_maps).numpy()
+    half_scores = torch.cat(half_scores).numpy()
+    score_shift = float(np.max(np.abs(half_scores - scores)) / max(thresholds.image, 1e-12))
+    flips = ((half_maps > thresholds.pixel) != (maps > thresholds.pixel))[valid]
+    flip_fraction = float(flips.mean()) if flips.size else 0.0
+    ok = (math.isfinite(score_shift) and score_shift <= HALF_SCORE_TOLERANCE
+          and flip_fraction <= HALF_PIXEL_FLIP_TOLERANCE)
+    return {"half_precision": bool(ok), "checked_dtype": "bf16", "checked_on": str(detector.device),
+            "images": int(len(scores)), "max_score_shift_of_threshold": round(score_shift, 6),
+            "pixel_decision_flips": round(flip_fraction, 6),
+            "tolerance": {"score_shift_of_threshold": HALF_SCORE_TOLERANCE,
+                          "pixel_decision_flips": HALF_PIXEL_FLIP_TOLERANCE}}
+
+
 def _file_digest(paths) -> str:
     digest = hashlib.sha256()
     for p in paths:
@@ -280,6 +318,9 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     thresholds = Thresholds.calibrate(scores, maps, cfg.target_fpr, pixel_mask=valid,
                                       pixel_target_fpr=cfg.pixel_target_fpr)
 
+    inference = half_precision_check(detector, calib_inputs, scores, maps, valid, thresholds,
+                                     cfg.batch_size)
+
     files = [str(p) for p in train_set.files()]
     weights = detector.heads.state_dict()
     weights_hash = hashlib.sha256(b"".join(
@@ -307,6 +348,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
             "torch": torch.__version__,
         },
         "calibration_scores": {"good_mean": float(np.mean(scores)), "good_max": float(np.max(scores))},
+        "inference": inference,
         "metrics": {},
     })
     save_checkpoint(out_path, weights, meta)

@@ -49,6 +49,11 @@ def test_checkpoint_records_what_rebuilds_the_detector(trained, synth):
     assert th["image"] > 0 and th["pixel"] > 0 and th["image_scale"] > 0
     history = on_disk["training"]["loss_history"]
     assert len(history) == 2 and all(np.isfinite(history))
+    # The bf16 check behind `precision: auto` ran on the calibration images.
+    inference = on_disk["inference"]
+    assert inference["checked_dtype"] == "bf16" and inference["images"] == 3
+    assert isinstance(inference["half_precision"], bool)
+    assert 0 <= inference["max_score_shift_of_threshold"] < 1
 
 
 def test_feature_norm_is_recorded_and_checkpoints_without_it_still_load(trained, synth, tmp_path):

@@ -35,6 +35,28 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+#: Inference precisions: "fp32", or "bf16" autocast of the extractors and heads (errors, fusion,
+#: smoothing and scores always in fp32); "auto" picks bf16 on a CUDA device when the checkpoint's
+#: own check passed (``metadata["inference"]["half_precision"]``, see train.half_precision_check),
+#: else fp32. No fp16: its 65504 range overflows in the lite descriptors (NaN maps, measured), and
+#: bf16 runs at the same speed on the GPUs that have tensor cores for either.
+PRECISIONS = ("auto", "fp32", "bf16")
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device, metadata: dict | None) -> str:
+    """The precision a detector on ``device`` runs at: explicit values as given, "auto" as above.
+    On a CPU "auto" is always fp32 (few CPUs compute bf16 natively; emulated it is slower)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    allowed = bool(((metadata or {}).get("inference") or {}).get("half_precision"))
+    if device.type == "cuda" and allowed:
+        return "bf16"
+    return "fp32"
+
+
 def resolve_backbone_weights(recorded: str | None, override: str | None, needs_weights: bool):
     """The weight file to build an extractor from when loading a checkpoint: the user's override,
     else the file recorded at training time; None for weight-free extractors and for backbones that
@@ -77,6 +99,17 @@ class Detector:
         self.metadata = metadata
         # Per-channel standardisation applied before the heads (None: raw features, as published).
         self.feature_norm = feature_norm
+        self.precision = "fp32"
+
+    def set_precision(self, precision: str = "auto") -> str:
+        """Choose the inference precision (``PRECISIONS``); returns the one in effect."""
+        self.precision = resolve_precision(precision, self.device, self.metadata)
+        return self.precision
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32,
+                              enabled=dtype is not None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,12 +139,15 @@ class Detector:
                    metadata, device)
 
     @classmethod
-    def from_checkpoint(cls, path, device="auto", backbone_weights: dict | None = None) -> "Detector":
+    def from_checkpoint(cls, path, device="auto", backbone_weights: dict | None = None,
+                        precision: str = "auto") -> "Detector":
         """Load a checkpoint written by `mafr train`; every problem is a CheckpointError naming
         the file. ``backbone_weights`` ({"rgb": path, "xyz": path}) overrides the weight files the
-        checkpoint was trained with (paper profile); their hash must match the recorded one."""
-        state, meta = load_checkpoint(path)
+        checkpoint was trained with (paper profile); their hash must match the recorded one.
+        ``precision``: see ``PRECISIONS`` (checked before anything is loaded)."""
         device = resolve_device(device)
+        resolve_precision(precision, device, None)
+        state, meta = load_checkpoint(path)
         try:
             prof = get_profile(meta["profile"])
             preprocess_cfg = PreprocessConfig.from_dict(meta["preprocess"])
@@ -148,8 +184,10 @@ class Detector:
                     f"{recorded.get('weights_hash')}); point the configuration at the same backbone "
                     "file that was used for training")
             extractors[modality] = extractor
-        return cls(heads, extractors["rgb"], extractors["xyz"], preprocess_cfg, scoring_cfg,
-                   thresholds, meta, device, feature_norm)
+        detector = cls(heads, extractors["rgb"], extractors["xyz"], preprocess_cfg, scoring_cfg,
+                       thresholds, meta, device, feature_norm)
+        detector.set_precision(precision)
+        return detector
 
     # ------------------------------------------------------------------ identity
     @property
@@ -163,8 +201,11 @@ class Detector:
         a non-empty 3D feature (B,S,S)."""
         rgb = rgb.to(self.device, non_blocking=True)
         xyz = xyz.to(self.device, non_blocking=True)
-        f2d = self.rgb_extractor(rgb)
-        f3d = self.xyz_extractor(xyz)
+        with self._autocast():
+            f2d = self.rgb_extractor(rgb)
+            f3d = self.xyz_extractor(xyz)
+        if self.precision != "fp32":
+            f2d, f3d = f2d.float(), f3d.float()
         return f2d, f3d, feature_valid_mask(f3d)
 
     def normalize_features(self, f2d, f3d, mask):
@@ -180,7 +221,10 @@ class Detector:
         f2d, f3d: extractor outputs; the errors are measured in the space the heads restore
         (after ``normalize_features``)."""
         f2d, f3d = self.normalize_features(f2d, f3d, mask)
-        rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
+        with self._autocast():
+            rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
+        if self.precision != "fp32":
+            rec2d, rec3d = rec2d.float(), rec3d.float()
         r2d = restoration_errors(f2d, rec2d)
         r3d = restoration_errors(f3d, rec3d)
         fused = fuse_maps(r2d, r3d, self.scoring_cfg.fusion, mask)
@@ -211,6 +255,10 @@ class Detector:
         smoothed, scores = self.score_inputs([model_input])
         grid_map = smoothed[0].float().cpu().numpy()
         score = float(scores[0])
+        if not np.isfinite(score):
+            raise InputError(f"the detector produced a non-finite image score ({score}) at precision "
+                             f"{self.precision}; check the input for extreme values, or run with "
+                             "precision fp32 if this only happens in bf16")
         t2 = time.perf_counter()
         anomaly_map = map_to_input(grid_map, model_input.frame).astype(np.float32, copy=False)
         th = self.thresholds
