@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,8 +104,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1 or args.gland_frames < 1:
         parser.error("--repeats and --gland-frames must be >= 1")
-
-    import os
 
     cfg = PreprocessConfig()
     frames = load_frames(args.gland_frames)
