@@ -153,7 +153,7 @@ class ModelInput:
 #   the same row-major order (so the seeded RANSAC draws the same points);
 # - the plane cut reuses its float64 copy of the points for the clustering;
 # - DBSCAN: a k-d tree split at midpoints instead of medians (balanced_tree=False: on the Kinect
-#   frame ~1.6x faster to build, ~1.2x to search); the pair SET within eps is the same (the same
+#   frame ~1.6x faster to build, ~1.3x to search); the pair SET within eps is the same (the same
 #   squared-distance test), only its order differs, and
 #   nothing downstream depends on that order: counts are sums of integers, connected components
 #   are labelled by their smallest unit, border ties are broken by a total lexicographic order),
