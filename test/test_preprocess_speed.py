@@ -114,3 +114,22 @@ def test_method_and_timings(kinect):
     assert set(timings) == {"plane", "cluster", "grid"} and all(v > 0 for v in timings.values())
     # Outputs are unchanged, so the cache version (part of every PreprocessCache key) is too.
     assert PREPROCESS_VERSION == 1
+
+
+def test_degenerate_clouds_are_bit_identical():
+    rgb = np.zeros((30, 30, 3), np.uint8)
+    one_voxel = np.zeros((30, 30, 3), np.float32)
+    one_voxel[5:12, 5:12] = (0.1, 0.1, 1.0)  # 49 points in one voxel: a core unit without pairs
+    single = np.zeros((30, 30, 3), np.float32)
+    single[5, 5] = (0.1, 0.1, 1.0)  # no core unit at all: nothing is kept
+    tie = np.zeros((30, 30, 3), np.float32)
+    tie[2:8, 2:8] = (0.1, 0.1, 1.0)
+    tie[20:26, 20:26] = (0.5, 0.1, 1.0)  # two equally large clusters: the first unit's wins
+    blob = (np.random.default_rng(1).random((30, 30, 3)) * 0.02 + (0, 0, 1)).astype(np.float32)
+    for xyz, kept in ((one_voxel, 49), (single, 0), (tie, 36), (blob, None)):
+        for cfg in (PreprocessConfig(remove_plane=False), PreprocessConfig(),
+                    PreprocessConfig(remove_plane=False, cluster_voxel_size=0.0)):
+            mask = _assert_identical(rgb, xyz, cfg)
+            if kept is not None:
+                assert mask.sum() == kept
+    assert _assert_identical(rgb, tie, PreprocessConfig(remove_plane=False))[2:8, 2:8].all()
