@@ -232,6 +232,8 @@ def main():
         for stage, what in (("input", "input: stamp -> set complete in the node (DDS + take)"),
                             ("wait", "wait: set complete -> worker starts it"),
                             ("convert", "convert: messages -> arrays, checks"),
+                            ("handoff", "handoff: detector call beyond the detector's own time "
+                                        "(request to the detector process and reply)"),
                             ("regions", "regions: connected regions of the map"),
                             ("result", "result: build AnomalyResult")):
             print(f"| &nbsp; {what} | {latency_phase.get(f'stage.{stage}_median_ms', 'nan')} | "

@@ -75,6 +75,24 @@ def test_identical_detections_and_zero_copy_buffers(child, frames):
     _assert_same(child.detect(*frames[0]), local.detect(*frames[0]))
 
 
+def test_only_the_requested_maps_cross_over_and_normalized_out_is_written_in_place(child, frames):
+    local = Detector.from_checkpoint(default_model_path(), device="cpu")
+    rgb, xyz = frames[1]
+    expected = local.detect(rgb, xyz)
+    into = np.full(rgb.shape[:2], -1.0, np.float32)
+    direct = local.detect(rgb, xyz, normalized_out=into)
+    assert direct.normalized_map is into and np.array_equal(into, expected.normalized_map)
+    assert np.array_equal(direct.anomaly_map, expected.anomaly_map)
+    with pytest.raises(InputError, match="normalized_out"):
+        local.detect(rgb, xyz, normalized_out=np.zeros((4, 4), np.float32))
+    got = child.detect(rgb, xyz, maps=("normalized_map",))
+    assert got.anomaly_map is None and got.grid_map is None
+    assert np.array_equal(got.normalized_map, expected.normalized_map)
+    assert got.score == expected.score and got.valid_fraction == expected.valid_fraction
+    with pytest.raises(ValueError, match="unknown maps"):
+        child.detect(rgb, xyz, maps=("heatmap",))
+
+
 def test_bad_input_keeps_its_type(child):
     with pytest.raises(InputError):
         child.detect(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.float32))

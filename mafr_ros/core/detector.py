@@ -244,9 +244,19 @@ class Detector:
         return smoothed, self.image_scores(smoothed)
 
     # ------------------------------------------------------------------ one frame
-    def detect(self, rgb: np.ndarray, xyz: np.ndarray) -> Detection:
+    def detect(self, rgb: np.ndarray, xyz: np.ndarray,
+               normalized_out: np.ndarray | None = None) -> Detection:
         """Score one frame: rgb (H,W,3) uint8 RGB, xyz (H,W,3) float metres registered to it
-        (invalid = 0 or NaN)."""
+        (invalid = 0 or NaN).
+
+        ``normalized_out``: an (H, W) float32 array to compute the normalised map into (e.g. a
+        shared-memory buffer of the detector process); the Detection's ``normalized_map`` is then
+        that array. The same values, written where the caller reads them instead of copied there.
+        """
+        if normalized_out is not None and (normalized_out.shape != rgb.shape[:2]
+                                           or normalized_out.dtype != np.float32):
+            raise InputError(f"normalized_out must be float32 {rgb.shape[:2]}, got "
+                             f"{normalized_out.dtype} {normalized_out.shape}")
         if self.thresholds is None:
             raise CheckpointError("this detector has no calibrated thresholds; train it with `mafr train`")
         t0 = time.perf_counter()
@@ -262,7 +272,12 @@ class Detector:
         t2 = time.perf_counter()
         anomaly_map = map_to_input(grid_map, model_input.frame).astype(np.float32, copy=False)
         th = self.thresholds
-        normalized_map = normalize_score(anomaly_map, th.pixel, th.pixel_scale).astype(np.float32)
+        normalized = normalize_score(anomaly_map, th.pixel, th.pixel_scale)
+        if normalized_out is None:
+            normalized_map = normalized.astype(np.float32)
+        else:
+            normalized_map = normalized_out
+            np.copyto(normalized_map, normalized, casting="same_kind")
         # Far from every valid 3D point the smoothed map is exactly 0: say "nothing measured" (0)
         # there rather than the small positive value the normalisation gives a zero score.
         normalized_map[anomaly_map <= 0] = 0.0

@@ -45,10 +45,12 @@ FAILURE_REASONS = (
 #: taking and deserialising the messages; the node's clock against the camera's stamp, so only
 #: meaningful on one machine clock); wait = set complete -> worker starts it (latest-wins slot,
 #: the worker finishing the previous frame); convert = messages -> arrays and checks; detector =
-#: Detector.detect; regions = connected regions; result = building AnomalyResult (and the heatmap
+#: Detector.detect; handoff = the detector call's wall time beyond the detector's own time (with
+#: detector.isolation process: the request to the child process and its reply; about 0 in
+#: thread mode); regions = connected regions; result = building AnomalyResult (and the heatmap
 #: when it is wanted); publish = the publish call of AnomalyResult (AnomalyResult.latency ends
 #: right before it).
-STAGES = ("input", "wait", "convert", "detector", "regions", "result", "publish")
+STAGES = ("input", "wait", "convert", "detector", "handoff", "regions", "result", "publish")
 #: ... and the worker thread's CPU time outside the detector (convert + regions + publish): what
 #: the node's own work costs, independent of other processes competing for the cores.
 STAGE_CPU = "cpu"

@@ -610,12 +610,17 @@ class MafrNode(Node):
         detector_at = time.perf_counter()
         stages["cpu"] += time.thread_time()
         stages["convert"] = (detector_at - started_at) * 1e3
-        detection = self._detector.detect(rgb[rows, cols], xyz)
+        if self._isolation == "process":  # only the map the outputs use crosses over
+            detection = self._detector.detect(rgb[rows, cols], xyz, maps=("normalized_map",))
+        else:
+            detection = self._detector.detect(rgb[rows, cols], xyz)
         if detection.valid_fraction <= 0.0:
             raise _FrameError("no_part_found",
                               "no 3D point left after background removal (no part in view, or "
                               "the roi does not contain it); no result published")
-        stages["detector"] = (time.perf_counter() - detector_at) * 1e3
+        call_ms = (time.perf_counter() - detector_at) * 1e3
+        stages["detector"] = detection.timings_ms.get("total", call_ms)
+        stages["handoff"] = max(0.0, call_ms - stages["detector"])
         stages["cpu"] -= time.thread_time()
         self._publish(header, rgb, xyz, roi, detection, thresholds, cfg, started_at, stages)
 
