@@ -74,7 +74,7 @@ def test_registry_builds_frozen_weight_free_extractors():
     assert isinstance(rgb, LiteRGBExtractor) and rgb.modality == "rgb"
     assert isinstance(xyz, LiteXYZExtractor) and xyz.modality == "xyz"
     for ex in (rgb, xyz):
-        assert 24 <= ex.out_dim <= 64
+        assert 16 <= ex.out_dim <= 64
         assert list(ex.parameters()) == []  # nothing to train, nothing to load
         ex.train()  # an enclosing module switching to training must not unfreeze it
         assert not ex.training
@@ -87,12 +87,17 @@ def test_weights_hash_identifies_the_configuration():
     assert a.weights_hash() == b.weights_hash()
     assert build_extractor("lite_rgb", texture_weight=0.5).weights_hash() != a.weights_hash()
     x = build_extractor("lite_xyz")
-    assert x.weights_hash() != build_extractor("lite_xyz", fpfh=False).weights_hash()
+    assert x.weights_hash() != build_extractor("lite_xyz", fpfh=True).weights_hash()
     desc = x.describe()
     assert desc["name"] == "lite_xyz" and desc["weights_hash"] == x.weights_hash()
     assert desc["config"]["plane_windows"] == [5, 11, 23] and "version" in desc["config"]
-    no_fpfh = build_extractor("lite_xyz", fpfh=False)
-    assert no_fpfh.out_dim == x.out_dim - 33
+    assert desc["config"]["quadric_windows"] == [11, 21, 41]
+    # Defaults: 3 plane variations + crease + 5 quadric channels per window; options add back
+    # the plane heights (3), the normal (3) and FPFH (33).
+    assert x.out_dim == 3 + 1 + 5 * 3
+    full = build_extractor("lite_xyz", plane_heights=True, normals=True, fpfh=True)
+    assert full.out_dim == x.out_dim + 3 + 3 + 33
+    assert build_extractor("lite_xyz", quadric_windows=()).out_dim == 4
 
 
 def test_batch_shapes_dtypes_and_batch_consistency(batch, rgb_ex, xyz_ex):
@@ -120,9 +125,9 @@ def test_no_gradient_even_for_inputs_that_require_it(batch, rgb_ex):
 
 
 def test_grid_parameter_scales_windows_and_output():
-    ex = build_extractor("lite_xyz", grid=112, fpfh=False)
+    ex = build_extractor("lite_xyz", grid=112)
     rgb_small = build_extractor("lite_rgb", grid=112)
-    assert ex.weights_hash() != build_extractor("lite_xyz", fpfh=False).weights_hash()
+    assert ex.weights_hash() != build_extractor("lite_xyz").weights_hash()
     rgb, xyz = _load("train", "good", 1)
     xyz = xyz[:, ::2, ::2].contiguous()[None]
     assert ex(xyz).shape == (1, ex.out_dim, 112, 112)
@@ -140,6 +145,11 @@ def test_box_filter_matches_avg_pool():
                                    F.avg_pool2d(x[:, 1:3], k, 1, k // 2, count_include_pad=False))
     with pytest.raises(ValueError):
         box.mean(13)
+    # Window sums at chosen pixels: the same numbers as the dense means times k^2.
+    index = torch.tensor([0, 5, 37 * 41 - 1, 37 * 41 + 100, 2 * 37 * 41 - 1])
+    for k in (3, 11):
+        dense = box.mean(k).double().permute(0, 2, 3, 1).reshape(-1, 4)[index] * k * k
+        torch.testing.assert_close(box.sums_at(k, index), dense, rtol=1e-6, atol=1e-6)
 
 
 def test_mean3x3_fast_matches_the_pipeline_mean3x3():
@@ -192,7 +202,7 @@ def test_masked_plane_fit_has_no_leakage_from_missing_points():
     xyz = torch.stack([rx * depth, ry * depth, depth])
     keep = torch.rand(S, S, generator=gen) > 0.3
     xyz = (xyz * keep)[None]
-    ex = build_extractor("lite_xyz", fpfh=False)
+    ex = build_extractor("lite_xyz", plane_heights=True, normals=True)
     out = ex(xyz)[0]
     interior = -F.max_pool2d(-keep[None, None].float(), 3, 1, 1)[0, 0] > 0.5  # full 3x3 valid
     interior[:12] = interior[-12:] = False
@@ -203,11 +213,48 @@ def test_masked_plane_fit_has_no_leakage_from_missing_points():
     normal = out[6:9, interior] / 0.5
     expected = -n if float(n[2]) > 0 else n  # towards the camera (negative z)
     assert (normal.T @ expected.float()).min() > 0.999
+    # Quadric channels (10: per window residual, rms, mean and Gaussian sag, slope): a plane is
+    # fitted exactly, has no curvature and a constant slope, whatever points are missing.
+    deep = -F.max_pool2d(-keep[None, None].float(), 3, 1, 1)[0, 0] > 0.5
+    deep[:24] = deep[-24:] = False
+    deep[:, :24] = deep[:, -24:] = False
+    quad = out[10:25, deep].view(3, 5, -1)
+    assert quad[:, :4].abs().max() < 0.05      # asinh(x / 0.2 mm): below ~10 um
+    slope = quad[:, 4]
+    assert (slope.amax(1) - slope.amin(1)).max() < 0.1 and slope.min() > 0.1  # perspective only
+
+
+def test_quadric_channels_follow_curved_surfaces_and_see_bumps():
+    """A sphere cap (a dome like the synthetic parts' caps): the plane-fit height depends on the
+    window, the quadric residual stays near zero and the mean curvature is positive (convex
+    towards the camera); a 1 mm bump on the dome stands out in the quadric residual."""
+    v, u = torch.meshgrid(torch.arange(S, dtype=torch.float64), torch.arange(S, dtype=torch.float64),
+                          indexing="ij")
+    pitch = 0.0005  # 0.5 mm per pixel, about the synthetic parts' grid spacing
+    x, y = (u - S / 2) * pitch, (v - S / 2) * pitch
+    radius = 0.06
+    cap = radius - torch.sqrt((radius ** 2 - x ** 2 - y ** 2).clamp(min=0))  # 0 at the apex
+    r2 = (u - 140) ** 2 + (v - 100) ** 2
+    bump = 0.001 * torch.exp(-r2 / (2 * 4.0 ** 2))
+    ex = build_extractor("lite_xyz")
+    n_plane = 4
+    feats = []
+    for height in (-cap, -cap + bump):  # towards the camera = smaller depth
+        xyz = torch.stack([x, y, 0.65 - height]).float()[None]
+        feats.append(ex(xyz)[0])
+    smooth, bumped = feats
+    centre = (slice(60, 164), slice(60, 164))
+    quad = smooth[n_plane:n_plane + 15].view(3, 5, S, S)[:, :, centre[0], centre[1]]
+    assert quad[:, 0].abs().max() < 0.5        # residual to the quadric < 0.1 mm (a quartic term)
+    assert (quad[:, 2] > 0).all()              # convex towards the camera
+    residual41 = bumped[n_plane + 10] - smooth[n_plane + 10]
+    assert residual41[100, 140] > 1.5           # asinh(> 0.4 mm / 0.2 mm)
+    assert residual41[100, 40:60].abs().max() < 1e-3  # 80+ px away: unchanged
 
 
 def test_geometric_features_are_local(batch):
     """Removing points far away changes nothing at a pixel beyond the largest window."""
-    ex = build_extractor("lite_xyz", fpfh=False)
+    ex = build_extractor("lite_xyz")
     xyz = batch[1][1:].clone()
     valid = (xyz[0] != 0).any(0)
     cols = valid.any(0).nonzero().squeeze(1)
@@ -215,13 +262,16 @@ def test_geometric_features_are_local(batch):
     changed = xyz.clone()
     changed[..., cut:] = 0  # invalidate the right half of the part
     far = torch.zeros(S, S, dtype=torch.bool)
-    far[:, :cut - 23 // 2 - 3] = True
+    far[:, :cut - 41 // 2 - 3] = True
     far &= valid
     a, b = ex(xyz)[0][:, far], ex(changed)[0][:, far]
     torch.testing.assert_close(a, b, rtol=0, atol=2e-4)
 
 
-def test_translation_in_the_image_moves_the_features(batch, rgb_ex, xyz_ex):
+def test_translation_in_the_image_moves_the_features(batch, rgb_ex):
+    # Every 3D option on: plane heights (0:6 with variations), normal (6:9), crease (9),
+    # quadric (10:25), FPFH (25:).
+    xyz_ex = build_extractor("lite_xyz", plane_heights=True, normals=True, fpfh=True)
     rgb, xyz = batch[0][:1], batch[1][:1]
     dy, dx = 9, -6
     offset = torch.tensor([0.004, -0.003, 0.0]).view(1, 3, 1, 1)  # the part moved in 3D as well
@@ -231,11 +281,12 @@ def test_translation_in_the_image_moves_the_features(batch, rgb_ex, xyz_ex):
     n_geo = xyz_ex.out_dim - 33
     mask = feature_valid_mask(b)[0]
     assert torch.equal(mask, torch.roll(feature_valid_mask(xyz_ex(xyz))[0], (dy, dx), (0, 1)))
-    # Heights and curvature: translation-invariant up to float rounding.
+    # Heights, curvature and quadric shape: translation-invariant up to float rounding.
     torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=2e-3)
+    torch.testing.assert_close(a[:, 10:n_geo], b[:, 10:n_geo], rtol=0, atol=2e-3)
     # Normals: the camera-facing sign uses the viewing ray, which the move changes slightly; only
     # grazing pixels (normal almost perpendicular to the ray) may flip.
-    normal_diff = (a[0, 6:n_geo] - b[0, 6:n_geo]).abs().amax(0)[mask]
+    normal_diff = (a[0, 6:10] - b[0, 6:10]).abs().amax(0)[mask]  # normal and crease
     assert (normal_diff < 2e-3).float().mean() > 0.998
     fpfh_diff = (a[0, n_geo:] - b[0, n_geo:]).abs().amax(0)[mask]
     assert (fpfh_diff < 1e-3).float().mean() > 0.98  # voxel boundaries may round differently
@@ -294,11 +345,11 @@ def test_real_cable_gland_features_are_informative(batch, rgb_ex, xyz_ex):
         on_part = feats.permute(1, 0, 2, 3)[:, valid]
         assert (on_part.std(dim=1) > 1e-3).all()
         assert on_part.abs().max() < 50
-    # The drilled hole of test/hole/000 stands out: its fine-scale surface variation (channel 1)
+    # The drilled hole of test/hole/000 stands out: its fine-scale surface variation (channel 0)
     # is above that of most of the rest of the part.
     gt = np.asarray(Image.open(DATA / "test" / "hole" / "gt" / "000.png")) > 0
     gt_grid = F.interpolate(torch.from_numpy(gt)[None, None].float(), size=(S, S), mode="nearest")[0, 0] > 0
-    variation = f3d[1, 1]
+    variation = f3d[1, 0]
     hole = variation[gt_grid & valid[1]].mean()
     rest = variation[~_dilated(gt_grid[None])[0] & valid[1]]
     assert (rest < hole).float().mean() > 0.9

@@ -46,9 +46,12 @@ PROFILES = {
     #   (image AUROC 0.43 vs 0.62 on a 50-image synthetic split at the same step count);
     # - many small steps (32 px crops, lr 2e-3, cosine annealing): the per-pixel heads converge only
     #   after ~2000 steps, the published-size steps gave ~450 in the same time.
+    # - no dropout: the small per-pixel heads underfit rather than overfit (training MSE 0.20 with
+    #   p = 0.1, 0.037 without, image AUROC 0.89 -> 0.985 on the seed-0 split with the same
+    #   descriptors), and each step is ~15 % cheaper.
     # The census settings stay for runs that turn the published terms back on (--loss-weight):
     # 4 projections in a 5x5 window are 3.4x cheaper per step than 8 x 7x7 (1 CPU thread).
-    "lite": Profile("lite", "lite_rgb", "lite_xyz", latent=None, cbam_reduction=4,
+    "lite": Profile("lite", "lite_rgb", "lite_xyz", latent=None, dropout=0.0, cbam_reduction=4,
                     loss_overrides=(("census_projections", 4), ("census_window", 5),
                                     ("w_similarity", 0.0), ("w_census", 0.0),
                                     ("w_local_mean", 0.0), ("w_smoothness", 0.0),
