@@ -280,7 +280,8 @@ def test_diagnostics_report_time_per_stage_and_resident_memory():
     for i in range(1, 11):
         diag.count_processed(100.0 + i, 90.0, 5.0, {"input": float(i), "wait": 0.5,
                                                     "convert": 1.0, "detector": 90.0,
-                                                    "regions": 2.0, "result": 0.5,
+                                                    "handoff": 0.3, "regions": 2.0,
+                                                    "result": 0.5,
                                                     "publish": 0.25,
                                                     "cpu": 3.0})
     values = {kv.key: kv.value for kv in diag.build(_header().stamp).status[0].values}
