@@ -194,9 +194,9 @@ def _send(replay, frame, node, timeout=60.0):
 def test_corrupted_messages_are_reported_and_survived(rig, fault_bag, processes, tmp_path):
     """A bag with an Image whose data is shorter than step x height, and a message whose CDR
     bytes are cut in half: the first fails as malformed_message (counted, logged), the second
-    cannot even be deserialised (the middleware logs it; the colour image is missing from the
-    received count and its depth partner is left without a set); each next valid frame is
-    answered."""
+    cannot even be read (the node's CDR view refuses it before synchronisation: received, counted
+    as rejected, logged with what is missing; its depth partner is left without a set); each next
+    valid frame is answered."""
     from corrupt_bags import rewrite_bag
 
     from mafr_ros.bag.reader import read_frames
@@ -241,14 +241,16 @@ def test_corrupted_messages_are_reported_and_survived(rig, fault_bag, processes,
     after = replay.detector_status()
     assert int(after["failed.malformed_message"]) == int(before["failed.malformed_message"]) + 1, (before, after)
     assert f"frame dropped [malformed_message]: {remap[rgb]}" in node.log()
-    # The truncated message: the middleware could not deserialise it (and says so in the log);
-    # its depth partner waits in the synchroniser for a colour image that never comes
-    # (sync.pending, until a newer set pushes it out as sync.unmatched).
-    assert "exceeds" in node.log() or "deserializ" in node.log().lower(), node.log_tail()
+    # The truncated message: the node's CDR view refuses it (no stamp can be read from it) and
+    # says what is missing; its depth partner waits in the synchroniser for a colour image that
+    # never comes (sync.pending, until a newer set pushes it out as sync.unmatched).
+    assert f"message refused on {remap[rgb]}: serialised sensor_msgs/Image is truncated" \
+        in node.log(), node.log_tail()
+    assert int(after["messages_rejected"]) == int(before["messages_rejected"]) + 1, (before, after)
     inputs = _inputs_status(replay, lambda s: True)[2]
     received = lambda values, topic: int(values[f"{topic} received"])  # noqa: E731
     assert received(inputs, depth_topic) - received(inputs_before, depth_topic) == len(frames)
-    assert received(inputs, remap[rgb]) - received(inputs_before, remap[rgb]) == len(frames) - 1
+    assert received(inputs, remap[rgb]) - received(inputs_before, remap[rgb]) == len(frames)
     orphaned = lambda values: sum(int(values[f"sync.{kind} {depth_topic}"])  # noqa: E731
                                   for kind in ("unmatched", "pending"))
     assert orphaned(inputs) - orphaned(inputs_before) == 1, inputs

@@ -21,6 +21,12 @@ Design decisions, and why:
 * **Registered input only.** Depth (or an organised cloud) must have the colour image's size and
   frame_id; otherwise the frame fails with ``unregistered_input``. Nothing is resampled or guessed:
   pixel-level 2D + 3D fusion is meaningless on unregistered depth.
+* **Frames are read where they arrive.** The colour and depth/cloud subscriptions are raw: the
+  callback gets the serialised bytes and reads the header fields in place
+  (conversions.CdrImage / CdrPointCloud2); the pixels stay a view of the received buffer until
+  the worker converts them. rclpy's deserialisation would copy each frame twice with the GIL
+  held. A message that cannot be read (truncated) is refused before synchronisation: counted as
+  rejected and logged.
 * **Callbacks stay short.** A subscription callback only feeds the synchroniser; a matched set is
   checked for stamp order and put into a one-element latest-wins slot. One worker thread converts,
   runs the detector and publishes. A set replaced in the slot before the worker took it is counted
@@ -428,12 +434,17 @@ class MafrNode(Node):
             incompatible_qos=lambda info, t=topic: self._on_incompatible_qos(t, info),
             message_lost=lambda info, t=topic: self._diag.message_lost(t, info.total_count_change))
         other_type = Image if self._input_mode == "depth" else PointCloud2
+        self._other_view = conversions.CdrImage if other_type is Image \
+            else conversions.CdrPointCloud2
+        # raw=True: the frames arrive as their serialised bytes and are read in place (CdrImage,
+        # CdrPointCloud2) instead of being deserialised into Python messages on the executor
+        # thread (two copies of every frame with the GIL held; see conversions.py).
         self._inputs = [
             self.create_subscription(Image, TOPIC_RGB, self._on_rgb, self._in_qos,
-                                     event_callbacks=events(self._topic_rgb)),
+                                     event_callbacks=events(self._topic_rgb), raw=True),
             self.create_subscription(other_type, TOPIC_DEPTH if self._input_mode == "depth"
                                      else TOPIC_POINTS, self._on_other, self._in_qos,
-                                     event_callbacks=events(self._topic_other)),
+                                     event_callbacks=events(self._topic_other), raw=True),
             self.create_subscription(CameraInfo, TOPIC_CAMERA_INFO, self._on_camera_info,
                                      self._in_qos, event_callbacks=events(self._topic_info)),
         ]
@@ -492,13 +503,23 @@ class MafrNode(Node):
         return dataclasses.replace(base, image=image, pixel=pixel)
 
     # -- callbacks (executor thread): bookkeeping only -----------------------------------------
-    def _on_rgb(self, msg: Image) -> None:
+    def _on_rgb(self, serialized: bytes) -> None:
         self._diag.received(self._topic_rgb)
-        self._feed(0, msg)
+        self._feed(0, self._view(conversions.CdrImage, serialized, self._topic_rgb))
 
-    def _on_other(self, msg) -> None:
+    def _on_other(self, serialized: bytes) -> None:
         self._diag.received(self._topic_other)
-        self._feed(1, msg)
+        self._feed(1, self._view(self._other_view, serialized, self._topic_other))
+
+    def _view(self, view_type, serialized: bytes, topic: str):
+        """The message's fields over its serialised bytes; None (counted, logged) if it cannot
+        be read (truncated, or not XCDR1): such a message has no stamp to be synchronised by."""
+        try:
+            return view_type(serialized)
+        except InputError as error:
+            self._diag.count_rejected()
+            self._log_fault("malformed_message", f"message refused on {topic}: {error}")
+            return None
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._diag.received(self._topic_info)
@@ -520,6 +541,8 @@ class MafrNode(Node):
             f"from a best_effort publisher)", throttle_duration_sec=10.0)
 
     def _feed(self, index: int, msg) -> None:
+        if msg is None:
+            return
         try:
             matched = self._sync.add(index, msg)
         except InputError as error:  # a stamp that is not a valid ROS time: never part of a set
@@ -630,8 +653,8 @@ class MafrNode(Node):
                               f"{self._topic_rgb}: image encoding '{msg.encoding}' is not "
                               f"supported; expected one of {', '.join(RGB_ENCODINGS)}")
         try:
-            # No copy: the subscription's message is ours alone (a view costs nothing; the
-            # detector only reads it).
+            # No copy: a read-only view of the received bytes (the detector only reads it; in
+            # process mode it is copied once, into the detector's shared-memory input).
             return conversions.rgb_from_image(msg, copy=False)
         except InputError as error:
             raise _FrameError("malformed_message", f"{self._topic_rgb}: {error}") from None
