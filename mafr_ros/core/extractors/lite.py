@@ -113,17 +113,14 @@ class BoxFilter:
         r = k // 2
         if k % 2 == 0 or r > self.pad:
             raise ValueError(f"BoxFilter: window {k} must be odd and <= {2 * self.pad + 1}")
-        if getattr(self, "_pixel_major", None) is None:
-            self._pixel_major = self.integral.permute(0, 2, 3, 1).contiguous()
-        ii = self._pixel_major
-        b, hp, wp, c = ii.shape
-        ii = ii.view(-1, c)
+        b, c, hp, wp = self.integral.shape
+        ii = self.integral.view(b, c, hp * wp)  # gathered in place: no pixel-major copy
         item, rest = index // (self.h * self.w), index % (self.h * self.w)
         row, col = rest // self.w, rest % self.w
         lo, hi = self.pad - r, self.pad + r + 1
-        base = item * (hp * wp)
-        top, bottom = base + (row + lo) * wp, base + (row + hi) * wp
-        return ii[bottom + col + hi] - ii[top + col + hi] - ii[bottom + col + lo] + ii[top + col + lo]
+        top, bottom = (row + lo) * wp, (row + hi) * wp
+        return (ii[item, :, bottom + col + hi] - ii[item, :, top + col + hi]
+                - ii[item, :, bottom + col + lo] + ii[item, :, top + col + lo])
 
     @staticmethod
     def _inside_count(n: int, r: int, device) -> torch.Tensor:
