@@ -554,7 +554,7 @@ def test_stamp_written_into_serialised_images_reads_back():
         _with_stamp(bytearray(b"\x00\x00\x00\x00" + bytes(8)), Time())
 
 
-# -- serialised (CDR) views of Image and PointCloud2 -------------------------------------------------
+# -- serialised (CDR) views of Image and PointCloud2 ---------------------------------------------
 from mafr_ros.ros.conversions import CdrImage, CdrPointCloud2  # noqa: E402
 
 
@@ -617,7 +617,8 @@ def test_cdr_image_view_keeps_a_big_endian_payload_and_reads_big_endian_cdr():
     payload = depth.astype(">u2").tobytes()
     body += struct.pack(">I", len(payload)) + payload
     view = CdrImage(b"\0\0\0\0" + body)
-    assert (view.header.stamp.sec, view.header.stamp.nanosec, view.header.frame_id) == (-5, 7, "cam")
+    assert (view.header.stamp.sec, view.header.stamp.nanosec, view.header.frame_id) == \
+        (-5, 7, "cam")
     assert (view.height, view.width, view.encoding, view.step) == (5, 9, "16UC1", 18)
     np.testing.assert_array_equal(image_to_array(view), depth)
 

@@ -9,8 +9,8 @@ Data path per frame, without copies across the process boundary: the caller writ
 child reads them in place, runs ``Detector.detect`` with the normalised map computed straight
 into its shared-memory output, and copies the other maps there only when the caller asks for them
 (the node reads the normalised map alone: ``maps=("normalized_map",)`` saves 2.6 MB of copies per
-640x480 frame); the parent returns views of those (valid until the next ``detect``). Only small values
-(scores, timings, thresholds) go over the pipe. The parent owns (creates and unlinks) every
+640x480 frame); the parent returns views of those (valid until the next ``detect``). Only small
+values (scores, timings, thresholds) go over the pipe. The parent owns (creates and unlinks) every
 segment, so a crashed child leaks nothing; a new child attaches to the same segments.
 
 The child exits when the parent asks it to, or when the pipe reaches EOF (the parent died).

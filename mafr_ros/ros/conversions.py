@@ -694,7 +694,8 @@ class _CdrReader:
 
     def u32(self, field: str) -> int:
         start = self._take(4, 4, field)
-        return int.from_bytes(self.buffer[start:start + 4], "little" if self.order == "<" else "big")
+        return int.from_bytes(self.buffer[start:start + 4],
+                              "little" if self.order == "<" else "big")
 
     def i32(self, field: str) -> int:
         value = self.u32(field)
@@ -779,7 +780,8 @@ class CdrPointCloud2:
             name = reader.string(f"fields[{index}].name")
             offset = reader.u32(f"fields[{index}].offset")
             datatype = reader.u8(f"fields[{index}].datatype")
-            fields.append(CdrPointField(name, offset, datatype, reader.u32(f"fields[{index}].count")))
+            count_of = reader.u32(f"fields[{index}].count")
+            fields.append(CdrPointField(name, offset, datatype, count_of))
         self.fields = fields
         self.is_bigendian = bool(reader.u8("is_bigendian"))
         self.point_step = reader.u32("point_step")
