@@ -19,6 +19,8 @@ from mafr_ros.errors import CheckpointError, InputError
 from mafr_ros.geometry import CameraIntrinsics, depth_to_xyz
 
 KINECT_STEM = "frame_20121214T142255.814212"
+_OPENBLAS_ENV = os.environ.get("OPENBLAS_NUM_THREADS")
+_OPENBLAS_AT_IMPORT = _OPENBLAS_ENV or "1"  # what the child gets: the user's value, else 1
 KINECT = CameraIntrinsics(fx=525.0, fy=525.0, cx=320.0, cy=240.0, width=640, height=480)
 
 
@@ -91,6 +93,24 @@ def test_only_the_requested_maps_cross_over_and_normalized_out_is_written_in_pla
     assert got.score == expected.score and got.valid_fraction == expected.valid_fraction
     with pytest.raises(ValueError, match="unknown maps"):
         child.detect(rgb, xyz, maps=("heatmap",))
+
+
+def test_child_is_idle_between_frames_with_one_openblas_thread(child, frames):
+    # numpy's OpenBLAS worker threads polled after every BLAS call in the child, right when the
+    # node does its own work (see CHILD_ENVIRONMENT): one thread there, and no CPU between frames.
+    environ = dict(item.split(b"=", 1) for item in
+                   Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    assert environ[b"OPENBLAS_NUM_THREADS"] == _OPENBLAS_AT_IMPORT.encode()
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == _OPENBLAS_ENV  # the parent's is unchanged
+
+    def child_cpu_ns():
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{child.pid}/task").iterdir())
+
+    child.detect(*frames[1], maps=("normalized_map",))
+    before = child_cpu_ns()
+    time.sleep(0.3)
+    assert (child_cpu_ns() - before) / 1e6 < 5.0  # ms; a polling BLAS thread took 20-80
 
 
 def test_bad_input_keeps_its_type(child):

@@ -17,7 +17,9 @@ The child exits when the parent asks it to, or when the pipe reaches EOF (the pa
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import traceback
 from multiprocessing import shared_memory
 
@@ -33,6 +35,29 @@ MAPS = ("anomaly_map", "normalized_map", "grid_map")
 #: Exception types that cross the process boundary as themselves (the child's message kept).
 _PASSED_ERRORS = {cls.__name__: cls for cls in (CheckpointError, InputError, DatasetError,
                                                 MafrError, FileNotFoundError, ValueError)}
+
+
+#: Set in the child's environment at its start unless the user set them. numpy's OpenBLAS (used by
+#: the child for small matmuls: map_to_input, plane fits) keeps a worker thread per extra core
+#: that polls for a while after every BLAS call; in the child that is exactly when the node does
+#: its post-detector work (regions, result), so on a 2-core machine the node's critical path
+#: shared a core with a spinning thread: measured 4 ms of the child's CPU in the 5 ms after a
+#: reply and 20-80 ms per 200 ms between frames, none with one OpenBLAS thread. torch's own
+#: intra-op threads (OMP_NUM_THREADS, torch.set_num_threads) are not affected.
+CHILD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _child_environment(values: dict):
+    """os.environ with ``values`` added (where not set) while the child is spawned: a spawned
+    child inherits the environment of that moment, and OpenBLAS reads it when numpy loads."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 class DetectorCrashed(MafrError):
@@ -158,7 +183,8 @@ class DetectorProcess:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(target=_child_main, args=(child_conn, *self._args),
                                         name="mafr_detector", daemon=True)
-        process.start()
+        with _child_environment(CHILD_ENVIRONMENT):
+            process.start()
         child_conn.close()  # only the child holds that end now: its death is EOF here
         try:
             message = parent_conn.recv()
