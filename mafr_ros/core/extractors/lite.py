@@ -6,8 +6,10 @@ it is the profile of the embedded default model that runs inside the ROS node on
 cores. Both extractors are therefore built only from small fixed convolutions, integral-image box
 filters, a closed-form 3x3 eigen-decomposition per pixel and (optionally) Open3D's FPFH, all
 vectorised, and they need no weight file. Measured per 224 frame (median over 15 cable_gland
-frames, process pinned to one / two cores of the development CPU): lite_rgb 35 / 17 ms, lite_xyz
-96 / 49 ms with FPFH and 23 / 16 ms without (``fpfh=False``).
+frames, process pinned to one core of the development CPU while other jobs kept the load average
+at ~2.7): lite_rgb 44 ms, lite_xyz 96 ms with its defaults (quadric fits, no FPFH) and 204 ms
+with ``fpfh=True``. (Descriptor version 1 on the idle machine, one / two cores: lite_rgb 35 / 17
+ms, lite_xyz 96 / 49 ms with FPFH, 23 / 16 ms without.)
 
 How the descriptor set was chosen: each group was scored alone and combined by a nearest-neighbour
 check (memory bank of training-pixel features, distance of every test pixel to it) on MVTec 3D-AD
