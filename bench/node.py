@@ -11,7 +11,8 @@ What is measured, and with which clock (all on the one machine clock, CLOCK_REAL
    * detector = AnomalyResult.processing_time (Detector.detect, measured by the detector).
    * node overhead = end to end - detector: everything the node and the middleware add.
    * its breakdown from the node's /diagnostics (stage.*: input = stamp -> set complete in the
-     node, wait = slot -> worker, convert, regions, result) and the result's own transfer
+     node, wait = slot -> worker, convert, handoff = the detector call beyond the detector's
+     own time (to the detector process and back), regions, result) and the result's own transfer
      (arrival - stamp - AnomalyResult.latency, the latter taken by the node right before its
      publish call, which is part of the transfer).
 2. Sustained input: the camera publishes at --rate Hz for --duration s. The node's /diagnostics
