@@ -224,7 +224,7 @@ def test_kinect_frame_full_image(rigs):
     heatmap = check_result(result, stamp)
     check_outputs(rig, result, heatmap)
     level, _, values = rig.diagnostics()
-    assert values["state"] == "ready" and values["device"] == "cpu"
+    assert values["state"] == "ready" and values["device"] == "cpu" and values["precision"] == "fp32"
     assert values["model_id"] == result.model_id
     assert float(values["latency_median_ms"]) > 0
 

@@ -42,6 +42,7 @@ def test_unusable_checkpoints_and_parameters_stop_the_node(tmp_path):
         "roi": (["-p", "roi:=[10,10,-20,30]"], ["roi", "positive"]),
         "device": (["-p", "device:=tpu"], ["device", "tpu"]),
         "isolation": (["-p", "detector.isolation:=fork"], ["detector.isolation", "process, thread"]),
+        "precision": (["-p", "precision:=fp16"], ["precision", "auto, fp32, bf16"]),
         # The default loads in a child process; the in-process loader reports the same way.
         "garbage_in_thread": (["-p", f"checkpoint:={garbage}", "-p", "detector.isolation:=thread"],
                               [str(garbage), "corrupt"]),

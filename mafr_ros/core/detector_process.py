@@ -87,11 +87,11 @@ class _Segment:
 
 
 # -------------------------------------------------------------------------------------- child side
-def _child_main(conn, checkpoint, device, backbone_weights) -> None:
+def _child_main(conn, checkpoint, device, backbone_weights, precision) -> None:
     try:
         from .detector import Detector
         detector = Detector.from_checkpoint(checkpoint, device=device,
-                                            backbone_weights=backbone_weights)
+                                            backbone_weights=backbone_weights, precision=precision)
         smoothed = detector.warmup()
         grid_shape = tuple(smoothed[0].shape[-2:])
     except BaseException as error:  # every load problem goes to the parent, typed
@@ -99,6 +99,7 @@ def _child_main(conn, checkpoint, device, backbone_weights) -> None:
         conn.close()
         return
     conn.send(("ready", {"model_id": detector.model_id, "device": str(detector.device),
+                         "precision": detector.precision,
                          "thresholds": detector.thresholds, "metadata": detector.metadata,
                          "grid_shape": grid_shape}))
     attached: dict[str, _Segment] = {}
@@ -154,14 +155,15 @@ def _raise_from_child(kind: str, message: str):
 
 
 class DetectorProcess:
-    """``Detector.from_checkpoint(checkpoint, device, backbone_weights)`` + ``warmup()`` in a
+    """``Detector.from_checkpoint(checkpoint, device, backbone_weights, precision)`` + ``warmup()`` in a
     child process ('spawn': safe with CUDA). Load errors are raised here with the child's type
     and message. ``detect(rgb, xyz, maps)`` returns a Detection whose maps are views of shared
     memory, valid until the next call (the maps not in ``maps`` are None); inputs already in
     ``input_buffers`` are not copied."""
 
-    def __init__(self, checkpoint, device: str = "auto", backbone_weights: dict | None = None):
-        self._args = (str(checkpoint), device, backbone_weights)
+    def __init__(self, checkpoint, device: str = "auto", backbone_weights: dict | None = None,
+                 precision: str = "auto"):
+        self._args = (str(checkpoint), device, backbone_weights, precision)
         self._context = mp.get_context("spawn")
         self._process = None
         self._conn = None
@@ -171,6 +173,7 @@ class DetectorProcess:
         info = self._launch()
         self.model_id = info["model_id"]
         self.device = info["device"]
+        self.precision = info["precision"]
         self.thresholds = info["thresholds"]
         self.metadata = info["metadata"]
         self.grid_shape = info["grid_shape"]

@@ -143,6 +143,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "model (models/lite_synthetic.safetensors)", read_only=True),
     ParamSpec("device", "auto", "torch device: auto (CUDA if available, else CPU), cpu, cuda or "
               "cuda:N", read_only=True),
+    ParamSpec("precision", "auto", "inference precision: auto (bf16 on a CUDA device when the "
+              "checkpoint's training-time bf16 check passed, else fp32), fp32 or bf16 (extractors "
+              "and heads in bf16, scoring in fp32)", read_only=True,
+              choices=("auto", "fp32", "bf16")),
     ParamSpec("detector.isolation", "process", "process: the detector runs in a child process "
               "(frames in shared memory), so its GIL-holding C calls (Open3D FPFH, up to 250 ms) "
               "never stall the node's callbacks, and a crashed detector is restarted; thread: in "
@@ -403,15 +407,17 @@ class MafrNode(Node):
 
         checkpoint = self.get_parameter("checkpoint").value or str(default_model_path())
         device = self.get_parameter("device").value
-        self.get_logger().info(f"loading {checkpoint} on device '{device}' (detector isolation: "
-                               f"{self._isolation})")
+        precision = self.get_parameter("precision").value
+        self.get_logger().info(f"loading {checkpoint} on device '{device}' (precision {precision}, "
+                               f"detector isolation: {self._isolation})")
         t0 = time.perf_counter()
         try:
             if self._isolation == "process":  # loads and warms up in the child
                 from ..core.detector_process import DetectorProcess
-                self._detector = DetectorProcess(checkpoint, device=device)
+                self._detector = DetectorProcess(checkpoint, device=device, precision=precision)
             else:
-                self._detector = Detector.from_checkpoint(checkpoint, device=device)
+                self._detector = Detector.from_checkpoint(checkpoint, device=device,
+                                                          precision=precision)
         except InputError as error:  # e.g. device 'cuda' without a GPU
             raise StartupError(f"cannot use device '{device}': {error}") from None
         if self._detector.thresholds is None:
@@ -419,7 +425,8 @@ class MafrNode(Node):
                                   "it with `mafr train` (which calibrates them)")
         self._base_thresholds = self._detector.thresholds
         self._diag.info.update({
-            "device": str(self._detector.device), "model_id": self._detector.model_id,
+            "device": str(self._detector.device), "precision": self._detector.precision,
+            "model_id": self._detector.model_id,
             "checkpoint": checkpoint, "input_mode": self._input_mode})
         if self._isolation == "thread":
             self._diag.set_state("warming_up")
@@ -454,7 +461,8 @@ class MafrNode(Node):
         self._publish_diagnostics()
         reliability = self.get_parameter("qos.input.reliability").value
         self.get_logger().info(
-            f"ready: model {self._detector.model_id} on {self._detector.device} (load + warm-up "
+            f"ready: model {self._detector.model_id} on {self._detector.device} "
+            f"({self._detector.precision}; load + warm-up "
             f"{warmup_s:.1f} s); input_mode {self._input_mode}: {self._topic_rgb} + "
             f"{self._topic_other} (+ {self._topic_info}), {reliability} depth "
             f"{self._in_qos.depth}; results on {self._pub_result.topic_name}")
