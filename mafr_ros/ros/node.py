@@ -148,7 +148,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "and heads in bf16, scoring in fp32)", read_only=True,
               choices=("auto", "fp32", "bf16")),
     ParamSpec("detector.isolation", "process", "process: the detector runs in a child process "
-              "(frames in shared memory), so its GIL-holding C calls (Open3D FPFH, up to 250 ms) "
+              "(frames in shared memory), so its GIL-holding C calls (e.g. Open3D FPFH, up to 250 ms) "
               "never stall the node's callbacks, and a crashed detector is restarted; thread: in "
               "a worker thread of the node process", read_only=True,
               choices=("process", "thread")),
