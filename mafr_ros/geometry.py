@@ -209,9 +209,19 @@ def project_points_to_grid(points: np.ndarray, K, width: int | None = None,
 
 
 def valid_mask(xyz: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels whose point is finite and not the (0, 0, 0) 'missing' marker."""
-    finite = np.isfinite(xyz).all(axis=-1)
-    return finite & np.any(xyz != 0, axis=-1)
+    """(H, W) bool: pixels whose point is finite and not the (0, 0, 0) 'missing' marker.
+
+    Channel by channel: NumPy reductions over a length-3 last axis (``.all(axis=-1)``) are ~20x
+    slower than three element-wise passes, and this runs per frame (preprocessing, regions)."""
+    x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
+    valid = np.isfinite(x)
+    valid &= np.isfinite(y)
+    valid &= np.isfinite(z)
+    nonzero = x != 0
+    nonzero |= y != 0
+    nonzero |= z != 0
+    valid &= nonzero
+    return valid
 
 
 @dataclass(frozen=True)

@@ -191,8 +191,8 @@ class LiveReplay:
             self.spin_error: Exception | None = None
             if record is not None:
                 from .recorder import BagRecorder
-                # MCAP: one file per bag (any storage would work: the
-                # recorder writes on a thread of its own, whoever spins the node).
+                # MCAP: one file per bag (any storage works: the recorder writes on a thread of
+                # its own, whichever thread spins the node).
                 self.recorder = BagRecorder(
                     self.node, record, [f"{node_name}/{t}" if not t.startswith("/") else t
                                         for t in record_topics], storage="mcap", overwrite=True)

@@ -1,7 +1,7 @@
 """The Detector in a child process of its own, with frames passed through shared memory.
 
-Why: parts of the detector (Open3D's FPFH in the lite 3D extractor) hold the GIL for a whole call
-(70-250 ms). In a thread of the ROS node that stalls the executor, and DDS overwrites messages in
+Why: parts of the detector can hold the GIL for a whole call (Open3D's FPFH, an option of the
+lite 3D extractor and its default before descriptor version 2: 70-250 ms). In a thread of the ROS node that stalls the executor, and DDS overwrites messages in
 its KEEP_LAST history meanwhile. In a child process the node's interpreter never waits for it.
 
 Data path per frame, without copies across the process boundary: the caller writes the inputs

@@ -48,6 +48,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from ..errors import InputError
+from ..geometry import valid_mask
 
 #: Bumped whenever the numbers ``preprocess`` produces change: part of every cache key.
 PREPROCESS_VERSION = 1
@@ -190,19 +191,6 @@ def _check_xyz(xyz) -> np.ndarray:
     return xyz
 
 
-def _valid_points(xyz: np.ndarray) -> np.ndarray:
-    """(H, W) bool: finite and not the (0, 0, 0) missing marker (NaN from the node counts as missing)."""
-    x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
-    valid = np.isfinite(x)
-    valid &= np.isfinite(y)
-    valid &= np.isfinite(z)
-    nonzero = x != 0
-    nonzero |= y != 0
-    nonzero |= z != 0
-    valid &= nonzero
-    return valid
-
-
 def _valid_points_reference(xyz: np.ndarray) -> np.ndarray:
     return np.isfinite(xyz).all(axis=2) & (xyz != 0).any(axis=2)
 
@@ -254,7 +242,7 @@ def fit_background_plane(xyz: np.ndarray, cfg: PreprocessConfig | None = None) -
     """
     cfg = cfg or PreprocessConfig()
     xyz = _check_xyz(xyz)
-    return _fit_border_plane(xyz, _valid_points(xyz), cfg)
+    return _fit_border_plane(xyz, valid_mask(xyz), cfg)
 
 
 def _fit_border_plane(xyz: np.ndarray, valid: np.ndarray, cfg: PreprocessConfig) -> np.ndarray | None:
@@ -478,7 +466,7 @@ def _largest_cluster_reference(points: np.ndarray, cfg: PreprocessConfig) -> np.
 def _kept_pixels(xyz: np.ndarray, cfg: PreprocessConfig, timings: dict | None = None) -> np.ndarray:
     """Flat (row-major) indices of the pixels whose points survive the cleaning, ascending."""
     start = time.perf_counter()
-    valid = _valid_points(xyz)
+    valid = valid_mask(xyz)
     kept = np.flatnonzero(valid)
     points = None  # float64 copies of the float32 points, as the reference computes them
     if len(kept) and (cfg.remove_plane or cfg.cluster):

@@ -219,13 +219,7 @@ def _stats_per_mask(scores, xyz, labels, count, above, kept, area):
         # together) saves compacting every coordinate a second time (1.0 vs 1.5 ms, 50k points).
         region_xyz = xyz[own]
         channels = [region_xyz[..., axis] for axis in range(3)]
-        # Valid = all three finite and not (0, 0, 0), as geometry.valid_mask.
-        ok = np.isfinite(channels[0])
-        nonzero = channels[0] != 0
-        for channel in channels[1:]:
-            ok &= np.isfinite(channel)
-            nonzero |= channel != 0
-        ok &= nonzero
+        ok = valid_mask(region_xyz)
         ok &= member
         valid = int(np.count_nonzero(ok))
         num_points[i] = valid
