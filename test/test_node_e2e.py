@@ -318,6 +318,9 @@ FAULTS = [
     (dict(faults={"rgb_encoding": "yuv422"}), "unsupported_encoding", "'yuv422'"),
     (dict(faults={"depth_fill": "nan", "depth_encoding": "32FC1"}), "too_few_points",
      "only 0 valid 3D points"),
+    (dict(faults={"depth_fill": "inf", "depth_encoding": "32FC1"}), "too_few_points",
+     "only 0 valid 3D points"),
+    (dict(faults={"depth_fill": "zero"}), "too_few_points", "only 0 valid 3D points"),
     (dict(faults={"depth_keep": 200}), "too_few_points", "min_valid_points"),
     (dict(faults={"depth_size": [320, 240]}), "unregistered_input", "320x240"),
     (dict(faults={"depth_frame": "camera_depth_optical_frame"}), "unregistered_input",
@@ -486,6 +489,30 @@ def test_points_unregistered_cloud_is_refused(rigs):
     values = rig.wait_counter("failed.unregistered_input", before + 1)
     assert "the organised cloud" in values["last_failure"] and "320x240" in values["last_failure"]
     stamp = rig.send(source="synthetic", send=["info", "rgb", "points"], points="organised")
+    check_result(rig.result(stamp), stamp)
+
+
+CLOUD_FAULTS = [
+    # (cloud layout, fault, failure reason, text the error line must contain)
+    ("organised", {"points_truncate": True}, "malformed_message", "data length"),
+    ("unorganised", {"points_truncate": True}, "malformed_message", "data length"),
+    ("organised", {"points_without_z": True}, "malformed_message", "no 'z' field"),
+    ("organised", {"depth_fill": "nan"}, "too_few_points", "only 0 valid 3D points"),
+]
+
+
+@pytest.mark.parametrize("layout,fault,reason,text", CLOUD_FAULTS,
+                         ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CLOUD_FAULTS)])
+def test_bad_clouds_are_counted_logged_and_survived(rigs, layout, fault, reason, text):
+    rig = rigs["points"]
+    before = rig.failed(reason)
+    bad = rig.send(source="synthetic", send=["info", "rgb", "points"], points=layout,
+                   faults=fault)
+    values = rig.wait_counter(f"failed.{reason}", before + 1)
+    assert f"frame dropped [{reason}]" in rig.node.log()
+    assert values["last_failure"].startswith(reason) and text in values["last_failure"], values
+    assert bad not in rig.obs.received_stamps(rig.topic("anomaly"))
+    stamp = rig.send(source="synthetic", send=["info", "rgb", "points"], points=layout)
     check_result(rig.result(stamp), stamp)
 
 

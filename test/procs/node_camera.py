@@ -21,7 +21,10 @@ Commands (one JSON object per line); every command is answered by one JSON line 
                   stamp written in (publish cost of a C++ driver; for latency measurements)
       faults: {"rgb_truncate": true, "rgb_encoding": "yuv422", "depth_fill": "nan"|"inf"|"zero",
                "depth_keep": N, "depth_size": [w, h], "depth_frame": "other",
-               "depth_encoding": "32FC1", "info": "zero", "info_frame": "other"}
+               "depth_encoding": "32FC1", "info": "zero", "info_frame": "other",
+               "points_truncate": true (cloud data a row / a point short),
+               "points_without_z": true (cloud fields x, y only)}; depth_* faults also shape
+               the cloud built from that depth
   {"op": "burst", "n": 30, "period": 0.033, ...frame keys}  -> {"sent": [stamp_ns, ...]}
   {"op": "quit"}
 """
@@ -181,7 +184,13 @@ class Camera(Node):
                     flat = xyz.reshape(-1, 3)
                     flat = flat[np.isfinite(flat).all(axis=1)]
                     xyz = np.random.default_rng(0).permutation(flat)  # no pixel order left
-                messages.append(("points", xyz_to_pointcloud2(xyz, dheader)))
+                cloud = xyz_to_pointcloud2(xyz, dheader)
+                if faults.get("points_truncate"):  # a row (organised) or a point short
+                    cut = int(cloud.row_step) if cloud.height > 1 else int(cloud.point_step)
+                    cloud.data = cloud.data[:-cut]
+                if faults.get("points_without_z"):  # a driver that publishes only x, y
+                    cloud.fields = [f for f in cloud.fields if f.name != "z"]
+                messages.append(("points", cloud))
         if cmd.get("serialized"):
             # As a C++ driver: the Python message -> CDR conversion (about 1 ms per 640x480 image
             # here) happens before stamping; only the stamp is written into the CDR bytes, and
