@@ -182,8 +182,18 @@ def main():
                           serialized=serialized)["sent"]
         ended = time.time_ns()
         wall = (ended - started) / 1e9
-        time.sleep(max(3.0, 3 * float(np.median(detector))))  # let the last frame finish
-        after = node_status()[-1][1]
+        # Let the last frame finish: poll the node's status until every matched set is
+        # processed, dropped or failed (a loaded machine can need more than one detector time).
+        deadline = time.time() + max(30.0, 30 * float(np.median(detector)))
+        time.sleep(max(1.0, 2 * float(np.median(detector))))
+        while True:
+            after = node_status()[-1][1]
+            settled = int(after.get("frames_matched", 0)) - sum(
+                int(after.get(k, 0)) for k in ("frames_processed", "frames_dropped",
+                                               "frames_failed"))
+            if settled <= 0 or time.time() > deadline:
+                break
+            time.sleep(0.5)
         run = node_status(started, ended)
         third = (ended - started) // 3
         early = [s for s in run if s[0] < started + third]
