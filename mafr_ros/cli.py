@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it), repeatable, e.g. --loss-weight census=0 (ablations)")
     p.add_argument("--fusion", choices=["product", "sum", "max", "2d", "3d"], default=None,
                    help="how the 2D and 3D errors combine (default product; 2d/3d: one alone)")
+    p.add_argument("--image-score", choices=["reference", "max", "topk"], default=None,
+                   help="image score of the smoothed map (default reference: max / sqrt(mean))")
+    p.add_argument("--erode", type=float, default=None, metavar="PX",
+                   help="image score without the grid pixels within PX of the 3D-feature mask's "
+                        "edge (the anomaly map keeps them; default 0: all pixels)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -208,6 +213,14 @@ def _cmd_train(args):
     scoring = ScoringConfig()
     if args.fusion:
         scoring.fusion = args.fusion
+    if args.image_score:
+        scoring.image_score = args.image_score
+    if args.erode is not None:
+        scoring.erode = args.erode
+    try:
+        scoring.__post_init__()  # validates the values set above
+    except ValueError as exc:
+        raise SystemExit(f"mafr train: error: {exc}") from None
     cfg = TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size,
                       crop=args.crop,
                       lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,

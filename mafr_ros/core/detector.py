@@ -22,7 +22,7 @@ from .heads import FusionRestorationHeads
 from .normalization import FeatureNorm
 from .profiles import get_profile
 from .scoring import (ScoringConfig, Thresholds, fuse_maps, image_score, normalize_score,
-                      restoration_errors, smooth_maps)
+                      restoration_errors, score_map, smooth_maps)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -240,8 +240,8 @@ class Detector:
         rgb = torch.from_numpy(np.stack([i.rgb for i in inputs]))
         xyz = torch.from_numpy(np.stack([i.xyz for i in inputs]))
         f2d, f3d, mask = self.extract(rgb, xyz)
-        smoothed, _, _ = self.anomaly_maps(f2d, f3d, mask)
-        return smoothed, self.image_scores(smoothed)
+        smoothed, r2d, r3d = self.anomaly_maps(f2d, f3d, mask)
+        return smoothed, self.image_scores(score_map(smoothed, r2d, r3d, mask, self.scoring_cfg))
 
     # ------------------------------------------------------------------ one frame
     def detect(self, rgb: np.ndarray, xyz: np.ndarray,
