@@ -116,7 +116,9 @@ def main():
         os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
 
     from diagnostic_msgs.msg import DiagnosticArray
-    from node_harness import CameraProcess, NodeProcess, Observer, diagnostic_values, stamp_ns
+    from node_harness import CameraProcess, Observer, diagnostic_values, stamp_ns
+
+    from mafr_ros.bag.live import NodeProcess
 
     from mafr_ros.msg import AnomalyResult
 
@@ -135,7 +137,8 @@ def main():
     result_topic = f"{node_name}/anomaly"
     observer.subscribe(AnomalyResult, result_topic)
     observer.subscribe(DiagnosticArray, "/diagnostics")
-    node = NodeProcess(ns, params, log)
+    # The shipped parameters file first, as a deployment would; the -p values override it.
+    node = NodeProcess(ns, params, log, params_file=REPO / "config" / "mafr.yaml")
     camera = None
 
     def node_status(after_ns: int = 0, before_ns: int = 2 ** 63):

@@ -1,18 +1,17 @@
 """Test-side helpers for the node's process-level tests (imported by test_node_*.py and
-bench/node.py): start the node and the camera as separate processes, and observe the graph
-from a third participant.
+bench/node.py): the camera as a separate process, and a third participant that observes the
+graph. The node process itself is mafr_ros.bag.live.NodeProcess (through test/bag_harness.py in
+the tests, where MAFR_TEST_CHECKPOINT, when set, replaces the embedded default model).
 
 Every process inherits ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and ROS_DOMAIN_ID from the caller
 (test/conftest.py sets both), so DDS stays on loopback and concurrent runs do not hear each
-other. MAFR_TEST_CHECKPOINT, when set, replaces the embedded default model (to run the same
-tests against another checkpoint); by default the node loads models/lite_synthetic.safetensors.
+other.
 """
 from __future__ import annotations
 
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from mafr_ros.bag.live import ros_param_text, stamp_ns  # noqa: F401 (stamp_ns: re-exported for the tests)
+from mafr_ros.bag.live import stamp_ns  # noqa: F401 (re-exported for the tests)
 from mafr_ros.ros.memory import keep_large_allocations_on_heap
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,38 +32,6 @@ PROCS = Path(__file__).resolve().parent
 KINECT_DIR = REPO.parent / "shared" / "data" / "kinect_rgbd"
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50,
                       reliability=ReliabilityPolicy.RELIABLE)
-
-
-class NodeProcess:
-    """``scripts/mafr_node`` in its own process; stdout and stderr go to ``log_path``."""
-
-    def __init__(self, namespace: str, params: dict, log_path: Path, extra_args=()):
-        # The shipped parameters file first, as a deployment would; -p overrides it.
-        args = [sys.executable, str(REPO / "scripts" / "mafr_node"), "--ros-args",
-                "--params-file", str(REPO / "config" / "mafr.yaml"), "-r", f"__ns:={namespace}"]
-        checkpoint = os.environ.get("MAFR_TEST_CHECKPOINT")
-        if checkpoint and "checkpoint" not in params:
-            params = dict(params, checkpoint=checkpoint)
-        for name, value in params.items():
-            args += ["-p", f"{name}:={ros_param_text(value)}"]
-        args += list(extra_args)
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 class CameraProcess:
