@@ -79,7 +79,8 @@ def test_detector_applies_erode_like_the_scoring_module():
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     inside = np.hypot(yy - size / 2, xx - size / 2) < size / 4
     z = 0.3 + 0.002 * np.sin(xx / 5) * inside
-    xyz = (np.stack([(xx - size / 2) * 4e-4, (yy - size / 2) * 4e-4, z]) * inside).astype(np.float32)
+    xyz = np.stack([(xx - size / 2) * 4e-4, (yy - size / 2) * 4e-4, z]) * inside
+    xyz = xyz.astype(np.float32)
     rng = np.random.default_rng(0)
     rgb = rng.standard_normal((3, size, size)).astype(np.float32)
     item = ModelInput(rgb=rgb, xyz=xyz, valid=inside, frame=GridFrame.for_shape(size, size, size))

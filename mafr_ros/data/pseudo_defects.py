@@ -16,9 +16,10 @@ The changes are deliberately simple and self-consistent, not photo-realistic:
 - hole: a steep, deep pit whose inside is darkened;
 - cut: a narrow groove along a random segment, darkened;
 - stain: colour only, a soft blob blended towards a random colour (no 3D signal).
-Every defect lies on valid pixels away from the silhouette (``margin_mm``), so the valid mask
-of the sample is unchanged and the mask of the defect is exactly where something was changed
-by more than a small fraction of the defect's own amplitude.
+By default every defect lies on valid pixels away from the silhouette (``margin_mm``);
+``inside=False`` centres it on any valid pixel (border defects). The valid mask of the sample is
+never changed, and the mask of the defect is where something was changed by more than a small
+fraction of the defect's own amplitude.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def add_pseudo_defect(sample: ModelInput, kind: str, rng: np.random.Generator,
         if kind == "cut":
             angle = rng.uniform(0, math.pi)
             half = np.array([math.sin(angle), math.cos(angle)]) * extent / 2
-            dist = _segment_distance(yy, xx, (cy - half[0], cx - half[1]), (cy + half[0], cx + half[1]))
+            dist = _segment_distance(yy, xx, (cy - half[0], cx - half[1]),
+                                     (cy + half[0], cx + half[1]))
             profile = _smooth_cap(dist, u(cfg.cut_width_mm) / px / 2 + 0.75)
             amplitude = u(cfg.cut_depth_mm)
         elif kind == "hole":
