@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erode", type=float, default=None, metavar="PX",
                    help="image score without the grid pixels within PX of the 3D-feature mask's "
                         "edge (the anomaly map keeps them; default 0: all pixels)")
+    p.add_argument("--memory-bank", type=int, default=0, metavar="N",
+                   help="score with the distance to the nearest of N training pixels per modality "
+                        "(k-center coreset, stored in the checkpoint) instead of the heads' "
+                        "restoration errors (default 0: off)")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -221,6 +225,8 @@ def _cmd_train(args):
         scoring.__post_init__()  # validates the values set above
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
+    if args.memory_bank < 0:
+        raise SystemExit("mafr train: error: --memory-bank must be >= 0 (0: off)")
     cfg = TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size,
                       crop=args.crop,
                       lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
@@ -229,7 +235,8 @@ def _cmd_train(args):
                       loss=loss, loss_from_profile=False, scoring=scoring,
                       backbone_weights={k: str(v) for k, v in
                                         (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
-                      cache_dir=str(args.cache_dir) if args.cache_dir else None)
+                      cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                      memory_bank=args.memory_bank)
     meta = train(args.dataset, args.category, args.out, cfg)
     t = meta["training"]
     print(f"wrote {args.out} ({meta['model_id']}): {len(t['files'])} images, {t['epochs']} epochs, "

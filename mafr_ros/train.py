@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .core.checkpoint import save_checkpoint
 from .core.detector import Detector, resolve_device
 from .core.losses import LossConfig, mafr_loss
+from .core.memory_bank import MemoryBank
 from .core.normalization import FeatureNorm
 from .core.profiles import get_profile
 from .core.scoring import ScoringConfig, Thresholds
@@ -76,6 +77,10 @@ class TrainConfig:
     standardize_features: bool | None = None
     # "constant" (the published scheme) or "cosine" (annealed to 0 over the run). None: profile's.
     lr_schedule: str | None = None
+    # Score with a nearest-neighbour memory bank of this many (standardised) training pixels per
+    # modality (greedy k-center coreset, stored in the checkpoint) instead of the heads'
+    # restoration errors (core/memory_bank.py). 0 = off: the heads score.
+    memory_bank: int = 0
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.profile, 50)
@@ -301,6 +306,13 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     head_seconds = time.time() - t_heads
     if not all(math.isfinite(v) for v in history):
         raise FloatingPointError(f"training diverged (losses {history[-3:]}); lower --lr")
+    memory_bank = None
+    bank_seconds = 0.0
+    if cfg.memory_bank and cfg.memory_bank > 0:
+        t_bank = time.time()
+        memory_bank = MemoryBank.build(f2d, f3d, mask, int(cfg.memory_bank), seed=cfg.seed)
+        detector.memory_bank = memory_bank.to(detector.device)
+        bank_seconds = time.time() - t_bank
 
     # Calibrate on held-out good images; without a validation split fall back to the training
     # images (optimistic: said so in the metadata).
@@ -323,6 +335,8 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
 
     files = [str(p) for p in train_set.files()]
     weights = detector.heads.state_dict()
+    if memory_bank is not None:
+        weights = {**weights, **memory_bank.state_dict()}
     weights_hash = hashlib.sha256(b"".join(
         t.detach().cpu().contiguous().numpy().tobytes() for _, t in sorted(weights.items()))).hexdigest()
     model_id = f"{cfg.profile}-{category}-{weights_hash[:8]}"
@@ -333,6 +347,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
         "thresholds": thresholds.to_dict(),
         "loss": cfg.loss.to_dict(),
         "feature_norm": feature_norm.to_dict() if feature_norm is not None else None,
+        "memory_bank": memory_bank.options if memory_bank is not None else None,
         "training": {
             "dataset": str(dataset_root), "files": files, "files_digest": _file_digest(files),
             "calibration": calib_source, "n_calibration": len(calib_inputs),
@@ -343,7 +358,9 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
             "target_fpr": cfg.target_fpr, "pixel_target_fpr": cfg.pixel_target_fpr,
             "loss_history": [round(v, 6) for v in history],
             "seconds": {"total": round(time.time() - started, 2),
-                        "features": round(feature_seconds, 2), "heads": round(head_seconds, 2)},
+                        "features": round(feature_seconds, 2), "heads": round(head_seconds, 2),
+                        **({"memory_bank": round(bank_seconds, 2)}
+                           if memory_bank is not None else {})},
             "device": str(detector.device), "amp": bool(cfg.amp and detector.device.type == "cuda"),
             "torch": torch.__version__,
         },

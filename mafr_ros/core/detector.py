@@ -19,6 +19,7 @@ from .align import feature_valid_mask
 from .checkpoint import check_state_dict, load_checkpoint
 from .extractors import build_extractor
 from .heads import FusionRestorationHeads
+from .memory_bank import MemoryBank, split_state
 from .normalization import FeatureNorm
 from .profiles import get_profile
 from .scoring import (ScoringConfig, Thresholds, fuse_maps, image_score, normalize_score,
@@ -88,7 +89,7 @@ class Detector:
     def __init__(self, heads: FusionRestorationHeads, rgb_extractor, xyz_extractor,
                  preprocess_cfg: PreprocessConfig, scoring_cfg: ScoringConfig,
                  thresholds: Thresholds | None, metadata: dict, device="cpu",
-                 feature_norm: FeatureNorm | None = None):
+                 feature_norm: FeatureNorm | None = None, memory_bank: MemoryBank | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.heads = heads.to(self.device).eval()
         self.rgb_extractor = rgb_extractor.to(self.device)
@@ -99,6 +100,9 @@ class Detector:
         self.metadata = metadata
         # Per-channel standardisation applied before the heads (None: raw features, as published).
         self.feature_norm = feature_norm
+        # Optional nearest-neighbour scorer (``mafr train --memory-bank N``): its distance maps
+        # take the place of the heads' restoration errors. None: the heads score (the default).
+        self.memory_bank = memory_bank.to(self.device) if memory_bank is not None else None
         self.precision = "fp32"
 
     def set_precision(self, precision: str = "auto") -> str:
@@ -158,9 +162,14 @@ class Detector:
             feature_norm = FeatureNorm.from_dict(meta.get("feature_norm"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: incompatible metadata ({exc})") from None
+        state, bank_state = split_state(state)
         check_state_dict(heads.state_dict(), state, path, "MAFR heads",
                          "the checkpoint does not match its own metadata: retrain it with `mafr train`")
         heads.load_state_dict(state)
+        # Absent in checkpoints without a bank (and in all written before the option existed).
+        memory_bank = MemoryBank.from_checkpoint(
+            bank_state, meta.get("memory_bank"), (meta["heads"]["dim_2d"], meta["heads"]["dim_3d"]),
+            path)
         backbone_weights = backbone_weights or {}
         extractors = {}
         for modality, name in (("rgb", prof.rgb_extractor), ("xyz", prof.xyz_extractor)):
@@ -185,7 +194,7 @@ class Detector:
                     "file that was used for training")
             extractors[modality] = extractor
         detector = cls(heads, extractors["rgb"], extractors["xyz"], preprocess_cfg, scoring_cfg,
-                       thresholds, meta, device, feature_norm)
+                       thresholds, meta, device, feature_norm, memory_bank)
         detector.set_precision(precision)
         return detector
 
@@ -219,14 +228,18 @@ class Detector:
         """Smoothed fused map (B,S,S) and the raw per-modality restoration errors.
 
         f2d, f3d: extractor outputs; the errors are measured in the space the heads restore
-        (after ``normalize_features``)."""
+        (after ``normalize_features``). With a memory bank the "errors" are the distances of the
+        same features to their nearest bank entries (fp32), and the heads do not run."""
         f2d, f3d = self.normalize_features(f2d, f3d, mask)
-        with self._autocast():
-            rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
-        if self.precision != "fp32":
-            rec2d, rec3d = rec2d.float(), rec3d.float()
-        r2d = restoration_errors(f2d, rec2d)
-        r3d = restoration_errors(f3d, rec3d)
+        if self.memory_bank is not None:
+            r2d, r3d = self.memory_bank.distance_maps(f2d.float(), f3d.float(), mask)
+        else:
+            with self._autocast():
+                rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
+            if self.precision != "fp32":
+                rec2d, rec3d = rec2d.float(), rec3d.float()
+            r2d = restoration_errors(f2d, rec2d)
+            r3d = restoration_errors(f3d, rec3d)
         fused = fuse_maps(r2d, r3d, self.scoring_cfg.fusion, mask)
         smoothed = smooth_maps(fused, self.scoring_cfg)
         return smoothed, r2d, r3d
