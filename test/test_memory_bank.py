@@ -189,3 +189,23 @@ def test_cli_memory_bank_flag(monkeypatch):
     with pytest.raises(Stop) as info:
         cli._cmd_train(cli.build_parser().parse_args(base))
     assert info.value.args[0].memory_bank == 0
+
+
+def test_bank_checkpoint_in_the_detector_process_detects_as_in_process(checkpoints, synth):
+    """The node's path: a bank checkpoint loaded by the detector child process (frames in shared
+    memory) gives exactly the in-process detection, and the bank (not the heads) scores there."""
+    from mafr_ros.core.detector_process import DetectorProcess
+
+    on, _, _, _ = checkpoints
+    sample = open_dataset(synth, "gland", "test")[0]
+    rgb, xyz = sample.rgb, sample.xyz.astype(np.float32)
+    local = Detector.from_checkpoint(on, device="cpu").detect(rgb, xyz)
+    with DetectorProcess(on, device="cpu") as child:
+        assert child.metadata["memory_bank"]["size"] == BANK
+        remote = child.detect(rgb, xyz)
+        for name in ("anomaly_map", "normalized_map", "grid_map"):
+            assert np.array_equal(getattr(remote, name), getattr(local, name)), name
+        assert (remote.score, remote.is_anomalous) == (local.score, local.is_anomalous)
+    headless = Detector.from_checkpoint(on, device="cpu")
+    headless.memory_bank = None
+    assert headless.detect(rgb, xyz).score != local.score
