@@ -214,29 +214,20 @@ def _cmd_train(args):
             raise SystemExit(f"mafr train: error: --loss-weight {item!r}: the weight must be a number "
                              ">= 0, as in census=0.5")
         setattr(loss, f"w_{term}", weight)
-    scoring = ScoringConfig()
-    if args.fusion:
-        scoring.fusion = args.fusion
-    if args.image_score:
-        scoring.image_score = args.image_score
-    if args.erode is not None:
-        scoring.erode = args.erode
-    try:
-        scoring.__post_init__()  # validates the values set above
+    chosen = {"fusion": args.fusion, "image_score": args.image_score, "erode": args.erode}
+    try:  # both configs validate their values
+        scoring = ScoringConfig(**{k: v for k, v in chosen.items() if v is not None})
+        cfg = TrainConfig(
+            profile=args.profile, epochs=args.epochs, batch_size=args.batch_size, crop=args.crop,
+            lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
+            shots_seed=args.shots_seed, target_fpr=args.target_fpr, device=args.device,
+            dataset_format=args.format, loss=loss, loss_from_profile=False, scoring=scoring,
+            backbone_weights={k: str(v) for k, v in
+                              (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
+            cache_dir=str(args.cache_dir) if args.cache_dir else None,
+            memory_bank=args.memory_bank)
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
-    if args.memory_bank < 0:
-        raise SystemExit("mafr train: error: --memory-bank must be >= 0 (0: off)")
-    cfg = TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size,
-                      crop=args.crop,
-                      lr=args.lr, seed=args.seed, latent=args.latent, shots=args.shots,
-                      shots_seed=args.shots_seed, target_fpr=args.target_fpr, device=args.device,
-                      dataset_format=args.format,
-                      loss=loss, loss_from_profile=False, scoring=scoring,
-                      backbone_weights={k: str(v) for k, v in
-                                        (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
-                      cache_dir=str(args.cache_dir) if args.cache_dir else None,
-                      memory_bank=args.memory_bank)
     meta = train(args.dataset, args.category, args.out, cfg)
     t = meta["training"]
     print(f"wrote {args.out} ({meta['model_id']}): {len(t['files'])} images, {t['epochs']} epochs, "

@@ -82,6 +82,10 @@ class TrainConfig:
     # restoration errors (core/memory_bank.py). 0 = off: the heads score.
     memory_bank: int = 0
 
+    def __post_init__(self):
+        if self.memory_bank < 0:
+            raise ValueError(f"memory_bank must be >= 0 (0: off), got {self.memory_bank}")
+
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.profile, 50)
 
@@ -308,7 +312,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
         raise FloatingPointError(f"training diverged (losses {history[-3:]}); lower --lr")
     memory_bank = None
     bank_seconds = 0.0
-    if cfg.memory_bank and cfg.memory_bank > 0:
+    if cfg.memory_bank > 0:
         t_bank = time.time()
         memory_bank = MemoryBank.build(f2d, f3d, mask, int(cfg.memory_bank), seed=cfg.seed)
         detector.memory_bank = memory_bank.to(detector.device)

@@ -107,6 +107,29 @@ def test_cli_train_scoring_flags():
     assert args.erode is None and args.image_score is None
 
 
+def test_cli_train_scoring_flags_reach_the_training_config(monkeypatch):
+    from mafr_ros import cli
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(root, category, out, cfg):
+        raise Stop(cfg)
+
+    monkeypatch.setattr("mafr_ros.train.train", fake_train)
+    base = ["train", "--dataset", "d", "--category", "c", "--out", "o"]
+    with pytest.raises(Stop) as info:
+        cli._cmd_train(build_parser().parse_args(base + ["--erode", "4", "--image-score", "max",
+                                                         "--fusion", "sum"]))
+    scoring = info.value.args[0].scoring
+    assert (scoring.erode, scoring.image_score, scoring.fusion) == (4.0, "max", "sum")
+    with pytest.raises(Stop) as info:
+        cli._cmd_train(build_parser().parse_args(base))
+    assert info.value.args[0].scoring == ScoringConfig()
+    with pytest.raises(SystemExit, match="erode must be >= 0"):
+        cli._cmd_train(build_parser().parse_args(base + ["--erode", "-1"]))
+
+
 # -- pseudo-defects ----------------------------------------------------------------------------
 def _part(size=96, seed=0):
     """A dome-shaped part, 0.3 mm per grid pixel, on the ImageNet-normalised grey image."""

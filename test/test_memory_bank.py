@@ -189,6 +189,8 @@ def test_cli_memory_bank_flag(monkeypatch):
     with pytest.raises(Stop) as info:
         cli._cmd_train(cli.build_parser().parse_args(base))
     assert info.value.args[0].memory_bank == 0
+    with pytest.raises(ValueError, match="memory_bank must be >= 0"):
+        TrainConfig(memory_bank=-1)
 
 
 def test_bank_checkpoint_in_the_detector_process_detects_as_in_process(checkpoints, synth):
