@@ -2,6 +2,7 @@
 valid pixels only versus the full grid, for the ``lite`` and ``paper`` profiles.
 
     python bench/inference.py [--profiles lite paper] [--repeats N] [--precisions fp32 bf16]
+                              [--memory-bank N]
 
 Every (profile, device, precision) runs in a child process of its own so that its peak host memory
 (ru_maxrss) and GPU memory (torch.cuda.max_memory_allocated) are its own. Frame: the first test
@@ -20,7 +21,11 @@ Stages (each timed with the device synchronised, medians over the repeats):
 - 3D alignment: group features spread onto the pixels (3 nearest centres) + 3x3 mean (paper);
 - heads: the fusion encoder and both decoders on the pixels with a 3D feature (the node's path);
 - scoring: restoration errors, fusion, smoothing, image score; map back to the input resolution;
-- end to end: ``Detector.detect`` on the raw frame (everything above), as frames per second.
+- end to end: ``Detector.detect`` on the raw frame (everything above), as frames per second;
+- with ``--memory-bank N``: the opt-in memory-bank scorer (``mafr train --memory-bank N``) in place
+  of the heads, alone on the valid pixels and end to end. Its banks are N seeded random rows per
+  modality: the same compute as a trained bank of that size (the distance search does not depend
+  on the values).
 
 Heads on valid pixels only versus the full grid: both are timed, and their outputs compared with
 torch.allclose on the valid pixels together with the fused (zeroed) anomaly maps.
@@ -42,8 +47,8 @@ from _core_common import (machine_info, machine_line, markdown_table, median, pe
 REPO = Path(__file__).resolve().parents[1]
 CABLE_GLAND = REPO.parent / "shared" / "data" / "mvtec3d" / "cable_gland"
 STAGES = ("preprocess", "2D features", "2D alignment", "3D features", "  of which FPS",
-          "  of which grouping (KNN)", "3D alignment", "heads (valid pixels)", "scoring",
-          "map to input")
+          "  of which grouping (KNN)", "3D alignment", "heads (valid pixels)",
+          "memory bank (valid pixels)", "scoring", "map to input")
 
 
 def load_frame():
@@ -58,12 +63,14 @@ def load_frame():
         return rgb, xyz, f"synthetic gland part 256x256 (shared data unavailable: {exc})"
 
 
-def run_child(profile: str, device_name: str, precision: str, repeats: int, full_repeats: int) -> dict:
+def run_child(profile: str, device_name: str, precision: str, repeats: int, full_repeats: int,
+              bank_size: int = 0) -> dict:
     import torch
 
     from mafr_ros.core.align import feature_valid_mask, spread_group_features, upsample_patch_features
     from mafr_ros.core.detector import Detector
     from mafr_ros.core.extractors.base import valid_mask_from_xyz
+    from mafr_ros.core.memory_bank import MemoryBank
     from mafr_ros.core.scoring import Thresholds, fuse_maps, restoration_errors, smooth_maps
     from mafr_ros.data.preprocess import map_to_input, preprocess
 
@@ -83,6 +90,13 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     times["heads (full grid)"] = []
     times["end to end"] = []
+    times["end to end, memory bank"] = []
+    bank = None
+    if bank_size > 0:
+        g = torch.Generator().manual_seed(0)
+        dims = (detector.heads.dim_2d, detector.heads.dim_3d)
+        bank = MemoryBank(*(torch.randn(bank_size, d, generator=g) for d in dims),
+                          {"size": bank_size, "method": "random (benchmark)"}).to(device)
     check = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -126,6 +140,11 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
                 times[name].append(float("nan"))
         mask = feature_valid_mask(f3d)
         rec2d, rec3d = stage("heads (valid pixels)", lambda: heads.forward_grid(f2d, f3d, mask))
+        if bank is not None:
+            stage("memory bank (valid pixels)",
+                  lambda: bank.distance_maps(f2d.float(), f3d.float(), mask))
+        else:
+            times["memory bank (valid pixels)"].append(float("nan"))
 
         def scoring():
             r2d, r3d = restoration_errors(f2d, rec2d.float()), restoration_errors(f3d, rec3d.float())
@@ -153,8 +172,15 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
                 }
         _, seconds = timed(lambda: detector.detect(rgb_np, xyz_np), device)
         times["end to end"].append(seconds)
+        if bank is not None:
+            detector.memory_bank = bank
+            _, seconds = timed(lambda: detector.detect(rgb_np, xyz_np), device)
+            detector.memory_bank = None
+        else:
+            seconds = float("nan")
+        times["end to end, memory bank"].append(seconds)
     result = {"profile": profile, "device": str(device), "precision": precision, "frame": frame_name,
-              "repeats": repeats, "median_ms": {k: median(v[1:] if len(v) > 1 else v) * 1e3
+              "repeats": repeats, "memory_bank": bank_size, "median_ms": {k: median(v[1:] if len(v) > 1 else v) * 1e3
                                                  for k, v in times.items()},
               "check": check, "peak_rss_mib": peak_rss_mib()}
     if device.type == "cuda":
@@ -171,7 +197,11 @@ def fmt(value: float) -> str:
 def tables(results: list[dict]) -> str:
     columns = [f"{r['profile']} {r['device'].split(':')[0]} {r['precision']}" for r in results]
     rows = []
-    for name in STAGES + ("heads (full grid)", "end to end"):
+    names = STAGES + ("heads (full grid)", "end to end", "end to end, memory bank")
+    for name in names:
+        if name.startswith(("memory bank", "end to end, memory")) and \
+                not any(r.get("memory_bank") for r in results):
+            continue
         rows.append([name] + [fmt(r["median_ms"][name]) for r in results])
     rows.append(["frames/s end to end"] + [f"{1e3 / r['median_ms']['end to end']:.2f}" for r in results])
     rows.append(["peak host RSS MiB"] + [f"{r['peak_rss_mib']:.0f}" for r in results])
@@ -202,13 +232,17 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                         help="default: fp32 on CPU; fp32 bf16 on CUDA")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
+    parser.add_argument("--memory-bank", type=int, default=0, metavar="N",
+                        help="also time the memory-bank scorer with N entries per modality (default 0: "
+                             "not timed)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--child", nargs=5, metavar=("PROFILE", "DEVICE", "PRECISION", "REPEATS", "FULL"),
+    parser.add_argument("--child", nargs=6,
+                        metavar=("PROFILE", "DEVICE", "PRECISION", "REPEATS", "FULL", "BANK"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        profile, device, precision, repeats, full = args.child
-        print(json.dumps(run_child(profile, device, precision, int(repeats), int(full))))
+        profile, device, precision, repeats, full, bank = args.child
+        print(json.dumps(run_child(profile, device, precision, int(repeats), int(full), int(bank))))
         return 0
 
     import torch
@@ -223,7 +257,8 @@ def main(argv=None) -> int:
                 20 if device.startswith("cuda") else (3 if slow else 5))
             full = args.full_repeats if args.full_repeats is not None else (1 if slow else repeats)
             for precision in precisions:
-                cmd = [sys.executable, __file__, "--child", profile, device, precision, str(repeats), str(full)]
+                cmd = [sys.executable, __file__, "--child", profile, device, precision, str(repeats), str(full),
+                       str(args.memory_bank)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 if out.returncode != 0:
                     print(f"{profile} {device} {precision} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
