@@ -193,9 +193,12 @@ def _cmd_preprocess(args):
     print(f"preprocessed {count} samples into {cache.cache_dir}")
 
 
-def _cmd_train(args):
+def train_config_from_args(args):
+    """The TrainConfig that `mafr train` builds from its parsed arguments (also used by research
+    scripts that take `mafr train` flags, such as scripts/pseudo_defects_eval.py). Bad values end
+    the program with a `mafr train: error:` message."""
     from .core.scoring import ScoringConfig
-    from .train import TrainConfig, profile_loss, train
+    from .train import TrainConfig, profile_loss
     loss = profile_loss(args.profile)  # the profile's loss; --census/--loss-weight change it
     if args.census:
         loss.census = args.census
@@ -228,6 +231,12 @@ def _cmd_train(args):
             memory_bank=args.memory_bank)
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
+    return cfg
+
+
+def _cmd_train(args):
+    from .train import train
+    cfg = train_config_from_args(args)
     meta = train(args.dataset, args.category, args.out, cfg)
     t = meta["training"]
     print(f"wrote {args.out} ({meta['model_id']}): {len(t['files'])} images, {t['epochs']} epochs, "
