@@ -71,7 +71,7 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
     from mafr_ros.core.detector import Detector
     from mafr_ros.core.extractors.base import valid_mask_from_xyz
     from mafr_ros.core.memory_bank import MemoryBank
-    from mafr_ros.core.scoring import Thresholds, fuse_maps, restoration_errors, smooth_maps
+    from mafr_ros.core.scoring import Thresholds, fuse_maps, restoration_errors, score_errors
     from mafr_ros.data.preprocess import map_to_input, preprocess
 
     device = torch.device(device_name)
@@ -148,15 +148,14 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
 
         def scoring():
             r2d, r3d = restoration_errors(f2d, rec2d.float()), restoration_errors(f3d, rec3d.float())
-            fused = fuse_maps(r2d, r3d, detector.scoring_cfg.fusion, mask)
-            smoothed = smooth_maps(fused, detector.scoring_cfg)
-            return fused, smoothed, detector.image_scores(smoothed)
+            return (r2d, r3d, *score_errors(r2d, r3d, mask, detector.scoring_cfg))
 
-        fused, smoothed, _ = stage("scoring", scoring)
+        r2d, r3d, smoothed, _ = stage("scoring", scoring)
         stage("map to input", lambda: map_to_input(smoothed[0].float().cpu().numpy(), model_input.frame))
         if rep <= full_repeats:  # full grid: timed fewer times on slow devices (see --full-repeats)
             full2d, full3d = stage("heads (full grid)", lambda: heads.forward_grid(f2d, f3d))
             if rep == 1 or (repeats == 0 and rep == 0):
+                fused = fuse_maps(r2d, r3d, detector.scoring_cfg.fusion, mask)
                 fused_full = fuse_maps(restoration_errors(f2d, full2d.float()),
                                        restoration_errors(f3d, full3d.float()),
                                        detector.scoring_cfg.fusion, mask)

@@ -59,9 +59,11 @@ LOSS_VARIANTS = (
 
 def _score(detector, inputs, samples, modes, category, batch=4):
     """Metrics of a trained detector on preprocessed test inputs, for every fusion mode in
-    ``modes``: the restored features are computed once (``Detector.extract`` + ``anomaly_maps``,
+    ``modes``: the restored features are computed once (``Detector.extract`` + ``error_maps``,
     the path of ``mafr eval``) and only the fusion of the two error maps differs."""
-    from mafr_ros.core.scoring import fuse_maps, smooth_maps
+    import dataclasses
+
+    from mafr_ros.core.scoring import score_errors
     from mafr_ros.data.preprocess import map_to_input
     from mafr_ros.evaluate import compute_metrics
 
@@ -72,16 +74,17 @@ def _score(detector, inputs, samples, modes, category, batch=4):
         xyz = torch.from_numpy(np.stack([i.xyz for i in chunk]))
         with torch.no_grad():
             f2d, f3d, mask = detector.extract(rgb, xyz)
-            _, r2d, r3d = detector.anomaly_maps(f2d, f3d, mask)
+            r2d, r3d = detector.error_maps(f2d, f3d, mask)
         errors.append((r2d, r3d, mask))
     run_base = {"samples": samples, "inputs": inputs, "labels": np.array([s.label for s in samples])}
     out = {}
     for mode in modes:
         maps, scores = [], []
+        cfg = dataclasses.replace(detector.scoring_cfg, fusion=mode)
         for r2d, r3d, mask in errors:
-            smoothed = smooth_maps(fuse_maps(r2d, r3d, mode, mask), detector.scoring_cfg)
+            smoothed, image_scores = score_errors(r2d, r3d, mask, cfg)
             maps.append(smoothed.float().cpu().numpy())
-            scores.append(detector.image_scores(smoothed).float().cpu().numpy())
+            scores.append(image_scores.float().cpu().numpy())
         grid_maps = np.concatenate(maps)
         run = dict(run_base, grid_maps=grid_maps, scores=np.concatenate(scores),
                    full_maps=[map_to_input(m, i.frame).astype(np.float32)

@@ -89,7 +89,7 @@ def test_detector_applies_erode_like_the_scoring_module():
     maps0, scores0 = plain.score_inputs([item])
     assert torch.equal(maps, maps0)
     f2d, f3d, mask = det.extract(torch.from_numpy(rgb[None]), torch.from_numpy(xyz[None]))
-    _, r2d, r3d = det.anomaly_maps(f2d, f3d, mask)
+    r2d, r3d = det.error_maps(f2d, f3d, mask)
     expected = image_score(smooth_maps(fuse_maps(r2d, r3d, "product", erode_mask(mask, 4.0)), cfg))
     assert torch.allclose(scores, expected) and not torch.allclose(scores, scores0)
     # the metadata of a detector records the option, and metadata without it still loads

@@ -22,8 +22,8 @@ from .heads import FusionRestorationHeads
 from .memory_bank import MemoryBank, split_state
 from .normalization import FeatureNorm
 from .profiles import get_profile
-from .scoring import (ScoringConfig, Thresholds, fuse_maps, image_score, normalize_score,
-                      restoration_errors, score_map, smooth_maps)
+from .scoring import (ScoringConfig, Thresholds, normalize_score, restoration_errors,
+                      score_errors)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -224,28 +224,20 @@ class Detector:
         return self.feature_norm.apply(f2d, f3d, mask)
 
     @torch.no_grad()
-    def anomaly_maps(self, f2d, f3d, mask):
-        """Smoothed fused map (B,S,S) and the raw per-modality restoration errors.
+    def error_maps(self, f2d, f3d, mask):
+        """Per-modality error maps (B,S,S) r2d, r3d of extractor outputs f2d, f3d.
 
-        f2d, f3d: extractor outputs; the errors are measured in the space the heads restore
-        (after ``normalize_features``). With a memory bank the "errors" are the distances of the
-        same features to their nearest bank entries (fp32), and the heads do not run."""
+        Measured in the space the heads restore (after ``normalize_features``): the restoration
+        errors of the heads, or with a memory bank the distances of the same features to their
+        nearest bank entries (fp32; the heads do not run)."""
         f2d, f3d = self.normalize_features(f2d, f3d, mask)
         if self.memory_bank is not None:
-            r2d, r3d = self.memory_bank.distance_maps(f2d.float(), f3d.float(), mask)
-        else:
-            with self._autocast():
-                rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
-            if self.precision != "fp32":
-                rec2d, rec3d = rec2d.float(), rec3d.float()
-            r2d = restoration_errors(f2d, rec2d)
-            r3d = restoration_errors(f3d, rec3d)
-        fused = fuse_maps(r2d, r3d, self.scoring_cfg.fusion, mask)
-        smoothed = smooth_maps(fused, self.scoring_cfg)
-        return smoothed, r2d, r3d
-
-    def image_scores(self, smoothed: torch.Tensor) -> torch.Tensor:
-        return image_score(smoothed, self.scoring_cfg.image_score, self.scoring_cfg.topk_fraction)
+            return self.memory_bank.distance_maps(f2d.float(), f3d.float(), mask)
+        with self._autocast():
+            rec2d, rec3d = self.heads.forward_grid(f2d, f3d, mask)
+        if self.precision != "fp32":
+            rec2d, rec3d = rec2d.float(), rec3d.float()
+        return restoration_errors(f2d, rec2d), restoration_errors(f3d, rec3d)
 
     @torch.no_grad()
     def score_inputs(self, inputs: list[ModelInput]):
@@ -253,8 +245,8 @@ class Detector:
         rgb = torch.from_numpy(np.stack([i.rgb for i in inputs]))
         xyz = torch.from_numpy(np.stack([i.xyz for i in inputs]))
         f2d, f3d, mask = self.extract(rgb, xyz)
-        smoothed, r2d, r3d = self.anomaly_maps(f2d, f3d, mask)
-        return smoothed, self.image_scores(score_map(smoothed, r2d, r3d, mask, self.scoring_cfg))
+        r2d, r3d = self.error_maps(f2d, f3d, mask)
+        return score_errors(r2d, r3d, mask, self.scoring_cfg)
 
     # ------------------------------------------------------------------ one frame
     def detect(self, rgb: np.ndarray, xyz: np.ndarray,

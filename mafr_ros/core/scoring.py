@@ -259,10 +259,20 @@ def anomaly_maps(f2d: torch.Tensor, f2d_hat: torch.Tensor, f3d: torch.Tensor, f3
 
     mask: pixels that have a 3D feature; default ``nonempty_feature_mask(f3d)``.
     """
-    cfg = cfg or ScoringConfig()
     if mask is None:
         mask = nonempty_feature_mask(f3d)
-    r2d, r3d = restoration_errors(f2d, f2d_hat), restoration_errors(f3d, f3d_hat)
+    return score_errors(restoration_errors(f2d, f2d_hat), restoration_errors(f3d, f3d_hat), mask,
+                        cfg)
+
+
+def score_errors(r2d: torch.Tensor, r3d: torch.Tensor, mask: torch.Tensor,
+                 cfg: ScoringConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-modality error maps (B, H, W) -> (smoothed fused maps (B, H, W), image scores (B,)).
+
+    The one scoring path after the errors, whatever produced them (restoration heads or the
+    memory bank): fusion with invalid pixels zeroed, smoothing, and the image score of
+    ``score_map`` (the eroded variant when ``cfg.erode`` > 0)."""
+    cfg = cfg or ScoringConfig()
     smoothed = smooth_maps(fuse_maps(r2d, r3d, cfg.fusion, mask), cfg)
     return smoothed, image_score(score_map(smoothed, r2d, r3d, mask, cfg), cfg.image_score,
                                  cfg.topk_fraction)
