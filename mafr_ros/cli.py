@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score with the distance to the nearest of N training pixels per modality "
                         "(k-center coreset, stored in the checkpoint) instead of the heads' "
                         "restoration errors (default 0: off)")
+    p.add_argument("--bank-rotations", type=int, choices=[1, 2, 4], default=1, metavar="N",
+                   help="build the memory bank from the training images turned by every multiple "
+                        "of 360/N degrees too (1, 2 or 4; default 1: as they are), for parts that "
+                        "lie in any in-plane orientation; needs --memory-bank")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -228,7 +232,7 @@ def train_config_from_args(args):
             backbone_weights={k: str(v) for k, v in
                               (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
             cache_dir=str(args.cache_dir) if args.cache_dir else None,
-            memory_bank=args.memory_bank)
+            memory_bank=args.memory_bank, bank_rotations=args.bank_rotations)
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
     return cfg

@@ -30,10 +30,11 @@ from tqdm import tqdm
 from .core.checkpoint import save_checkpoint
 from .core.detector import Detector, resolve_device
 from .core.losses import LossConfig, mafr_loss
-from .core.memory_bank import MemoryBank
+from .core.memory_bank import MemoryBank, valid_pixels
 from .core.normalization import FeatureNorm
 from .core.profiles import get_profile
 from .core.scoring import ScoringConfig, Thresholds
+from .data.augment import quarter_turn
 from .data.formats import open_dataset
 from .data.preprocess import PreprocessCache, PreprocessConfig, preprocess_sample
 from .errors import DatasetError
@@ -81,10 +82,20 @@ class TrainConfig:
     # modality (greedy k-center coreset, stored in the checkpoint) instead of the heads'
     # restoration errors (core/memory_bank.py). 0 = off: the heads score.
     memory_bank: int = 0
+    # Build the bank from the training images turned by multiples of 360/N degrees as well
+    # (N = 1: as they are; 2: and half turns; 4: and every quarter turn; data/augment.py), so that
+    # parts in in-plane poses the training set lacks are covered. Needs memory_bank > 0.
+    bank_rotations: int = 1
 
     def __post_init__(self):
         if self.memory_bank < 0:
             raise ValueError(f"memory_bank must be >= 0 (0: off), got {self.memory_bank}")
+        if self.bank_rotations not in (1, 2, 4):
+            raise ValueError(f"bank_rotations must be 1, 2 or 4 (quarter turns only), got "
+                             f"{self.bank_rotations}")
+        if self.bank_rotations > 1 and self.memory_bank <= 0:
+            raise ValueError("bank_rotations > 1 turns the memory bank's training images; it needs "
+                             "a memory bank (memory_bank > 0, `--memory-bank N`)")
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.profile, 50)
@@ -227,6 +238,27 @@ def train_heads(detector: Detector, f2d, f3d, mask, cfg: TrainConfig):
     return history
 
 
+@torch.no_grad()
+def build_memory_bank(detector: Detector, inputs, f2d, f3d, mask, feature_norm, cfg: TrainConfig
+                      ) -> MemoryBank:
+    """The memory bank of ``cfg``: valid pixels of the cached (standardised) training features
+    and, with ``cfg.bank_rotations`` > 1, of the training inputs turned by each further multiple
+    of 360 / bank_rotations degrees (features computed and standardised like the originals, only
+    their valid pixels kept, one turn at a time)."""
+    x2d, x3d = [valid_pixels(f2d, mask)], [valid_pixels(f3d, mask)]
+    step = 4 // cfg.bank_rotations
+    for turns in range(step, 4, step):
+        turned = [quarter_turn(i, turns) for i in inputs]
+        t2, t3, tm = cache_features(detector, turned, progress=cfg.progress)
+        if feature_norm is not None:
+            t2, t3 = _standardize_cached(feature_norm, t2, t3, tm)
+        x2d.append(valid_pixels(t2, tm))
+        x3d.append(valid_pixels(t3, tm))
+        del t2, t3, tm
+    return MemoryBank.from_pixels(torch.cat(x2d), torch.cat(x3d), int(cfg.memory_bank),
+                                  seed=cfg.seed, rotations=int(cfg.bank_rotations))
+
+
 #: bf16 inference is allowed when, on the calibration images, no image score moves by more than
 #: this fraction of the image threshold ...
 HALF_SCORE_TOLERANCE = 0.02
@@ -314,7 +346,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     bank_seconds = 0.0
     if cfg.memory_bank > 0:
         t_bank = time.time()
-        memory_bank = MemoryBank.build(f2d, f3d, mask, int(cfg.memory_bank), seed=cfg.seed)
+        memory_bank = build_memory_bank(detector, train_inputs, f2d, f3d, mask, feature_norm, cfg)
         detector.memory_bank = memory_bank.to(detector.device)
         bank_seconds = time.time() - t_bank
 

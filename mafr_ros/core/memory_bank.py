@@ -94,7 +94,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor,
     return torch.cat(out)
 
 
-def _valid_pixels(f: torch.Tensor, mask: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def valid_pixels(f: torch.Tensor, mask: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """(P, C) float32 descriptors of the valid pixels of (N, C, H, W) maps, image chunk by chunk."""
     rows = [f[s:s + chunk].permute(0, 2, 3, 1)[mask[s:s + chunk].to(f.device)].float()
             for s in range(0, f.shape[0], chunk)]
@@ -116,24 +116,40 @@ class MemoryBank:
               pool: int = DEFAULT_POOL) -> "MemoryBank":
         """Banks from the valid pixels of (N, C, H, W) features (already standardised when the
         model standardises), each reduced to at most ``size`` rows by ``kcenter_coreset``."""
-        if size <= 0:
-            raise ValueError(f"memory bank size must be > 0, got {size}")
         if not bool(mask.any()):
             raise ValueError("memory bank: no valid pixel in the training features")
+        return cls.from_pixels(valid_pixels(f2d, mask), valid_pixels(f3d, mask), size,
+                               seed=seed, projection=projection, pool=pool)
+
+    @classmethod
+    @torch.no_grad()
+    def from_pixels(cls, x2d: torch.Tensor, x3d: torch.Tensor, size: int, seed: int = 0,
+                    projection: int = DEFAULT_PROJECTION, pool: int = DEFAULT_POOL,
+                    **extra_options) -> "MemoryBank":
+        """Banks from (P, C2) and (P, C3) descriptors of the same P training pixels (row i of both
+        is one pixel), e.g. the valid pixels of several augmented copies of the training images.
+        ``extra_options`` are recorded in the options (the checkpoint metadata)."""
+        if size <= 0:
+            raise ValueError(f"memory bank size must be > 0, got {size}")
+        n_pixels = int(x2d.shape[0])
+        if n_pixels == 0:
+            raise ValueError("memory bank: no valid pixel in the training features")
+        if int(x3d.shape[0]) != n_pixels:
+            raise ValueError(f"memory bank: {n_pixels} 2D but {int(x3d.shape[0])} 3D pixel rows")
         banks = []
-        n_pixels = int(mask.sum())
         g = torch.Generator().manual_seed(int(seed))
         keep = (torch.randperm(n_pixels, generator=g)[:pool].sort().values
                 if n_pixels > pool else None)
-        for offset, f in enumerate((f2d, f3d)):
-            x = _valid_pixels(f, mask)
+        for offset, x in enumerate((x2d, x3d)):
+            x = x.float()
             if keep is not None:
                 x = x[keep]
             idx = kcenter_coreset(x, size, seed=seed + 17 * offset, projection=projection)
             banks.append(x[idx].contiguous().cpu())
         options = {"size": int(size), "method": "greedy_kcenter", "projection": int(projection),
                    "pool": int(pool), "seed": int(seed), "source_pixels": n_pixels,
-                   "n_2d": int(banks[0].shape[0]), "n_3d": int(banks[1].shape[0])}
+                   "n_2d": int(banks[0].shape[0]), "n_3d": int(banks[1].shape[0]),
+                   **extra_options}
         return cls(banks[0], banks[1], options)
 
     def to(self, device) -> "MemoryBank":
