@@ -1,6 +1,7 @@
 """The bag harness tears everything down when a test fails: an inner pytest run whose test starts
 a node and a player (`mafr bag play --loop`) and then fails leaves none of their processes behind."""
 import os
+import time
 import re
 import subprocess
 import sys
@@ -40,7 +41,15 @@ def test_failed_test_leaves_no_process_behind(synthetic_bags, tmp_path):
     for pid in pids:
         alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
         assert not alive, f"process {pid} survived the failed test"
-        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == pid]
+        # the group's kill is asynchronous: members still exiting (or zombies awaiting their
+        # reaper) get a few seconds; a process that keeps running after that is a leak
+        deadline = time.monotonic() + 5.0
+        while True:
+            group = [p.pid for p in psutil.process_iter(["status"]) if _pgid(p.pid) == pid
+                     and p.info["status"] != psutil.STATUS_ZOMBIE]
+            if not group or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert not group, f"processes of group {pid} survived: {group}"
 
 
