@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -220,6 +221,17 @@ def build_fold_dataset(fold_root: Path, category: str, files) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(Path(src).resolve(), dst)
     return fold_root
+
+
+def files_signature(files) -> str:
+    """Digest of the paths, sizes and modification times of the rgb and xyz files: a rewritten
+    dataset at the same paths (say a regenerated synthetic one) does not reuse old checkpoints."""
+    digest = hashlib.sha256()
+    for f in files:
+        for p in (f.rgb_path, f.xyz_path):
+            st = Path(p).resolve().stat()
+            digest.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 _PATH_FIELD = re.compile(r"(rgb_path|xyz_path)=\w*Path\((['\"])(.*?)\2\)")
@@ -433,7 +445,8 @@ def run(args, train_argv: list[str]) -> dict:
         fold_train = [train_files[i] for i in keep]
         held_files = [train_files[i] for i in held] + list(val_files)
         identity = {"train_flags": list(train_argv), "category": args.category,
-                    "train_files": [str(Path(f.rgb_path).resolve()) for f in fold_train]}
+                    "train_files": [str(Path(f.rgb_path).resolve()) for f in fold_train],
+                    "train_files_stat": files_signature(fold_train)}
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         reused = (checkpoint.is_file() and record is not None
                   and all(record.get(key) == value for key, value in identity.items()))
