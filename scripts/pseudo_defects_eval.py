@@ -29,8 +29,15 @@ Protocol (everything is seeded: the same arguments give the same numbers):
    Per fold and set: image AUROC (held-out good vs pseudo-defective), image AUROC per kind (good
    vs that kind), pixel AUROC over the valid grid pixels of the good and pseudo-defective samples
    (defect masks as ground truth), and the same per kind. Then the mean over the folds.
-5. OUT/pseudo_defects.json (configuration including the train flags, every fold, the means,
-   machine and timings) and OUT/pseudo_defects.md (the table, also printed). A fold whose
+   Each ``--variant NAME:KEY=VALUE,...`` scores the same samples again with the checkpoint's
+   scoring configuration changed as given (erode, sigma, image_score, fusion, ...). The error
+   maps are computed once per sample and shared (``Detector.input_errors``, then
+   ``scoring.score_errors`` per configuration), so a variant gives exactly what training with
+   those scoring flags would give (the bank or heads do not depend on them; a test checks it),
+   without the training.
+5. OUT/pseudo_defects.json (configuration including the train flags and variants, every fold,
+   the means, ``variant_means``, machine and timings) and OUT/pseudo_defects.md (the tables, also
+   printed). A fold whose
    checkpoint exists, trained with the same train flags on the same images (OUT/fold<k>/fold.json),
    is reused, so an interrupted run resumes; otherwise it is retrained.
 
@@ -108,7 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device that scores the held-out samples (default cpu: "
                              "deterministic; training uses the train flag --device)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per scoring batch")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                        help="also score every fold with the checkpoint's scoring configuration "
+                             "changed as given (fields of mafr_ros.core.scoring.ScoringConfig, "
+                             "e.g. `e6:erode=6` or `top:image_score=topk,topk_fraction=0.01`); "
+                             "repeatable. The error maps are computed once and shared, so variants "
+                             "of the scoring cost no training and little time")
     return parser
+
+
+def parse_variants(specs: list[str]) -> dict:
+    """{name: {field: value}} of ``--variant`` specs, each checked against ScoringConfig."""
+    from mafr_ros.core.scoring import ScoringConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ScoringConfig)}
+    variants = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not body:
+            raise UsageError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with a "
+                             "name of letters, digits and _.+-, e.g. e6:erode=6")
+        if name in variants or name == "checkpoint":
+            raise UsageError(f"--variant {spec!r}: the name {name!r} is "
+                             + ("reserved for the checkpoint's own scoring" if name == "checkpoint"
+                                else "given twice"))
+        overrides = {}
+        for item in body.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or key not in fields:
+                raise UsageError(f"--variant {spec!r}: {key!r} is not a scoring field; use "
+                                 f"KEY=VALUE with KEY one of {', '.join(fields)}")
+            default = getattr(ScoringConfig(), key)
+            try:
+                overrides[key] = type(default)(value) if isinstance(default, float) else value
+            except ValueError:
+                raise UsageError(f"--variant {spec!r}: {key} takes a number, got {value!r}") from None
+        try:
+            ScoringConfig(**overrides)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--variant {spec!r}: {exc}") from None
+        variants[name] = overrides
+    return variants
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -163,6 +211,7 @@ def check_script_args(args) -> None:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     args.sets = [s for s in SETS if s in args.sets]  # fixed order, no duplicates
+    args.variants = parse_variants(args.variant)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,15 +320,31 @@ def leak_check(checkpoint: Path, held_out_files, expected_train_files) -> dict:
 # Scoring and metrics
 
 
-def _score(detector, inputs, batch_size: int):
-    """(maps (N,S,S) float32, image scores (N,) float64)."""
-    import numpy as np
+def _errors(detector, inputs, batch_size: int):
+    """(r2d, r3d, mask) of ``inputs``, each (N,S,S) on the CPU: one extraction pass, shared by
+    the checkpoint's scoring and every ``--variant``."""
+    import torch
 
+    parts = [detector.input_errors(inputs[start:start + batch_size])
+             for start in range(0, len(inputs), batch_size)]
+    return (torch.cat([p[0].float().cpu() for p in parts]),
+            torch.cat([p[1].float().cpu() for p in parts]),
+            torch.cat([p[2].cpu() for p in parts]))
+
+
+def _score(errors, cfg, batch_size: int):
+    """(maps (N,S,S) float32, image scores (N,) float64) of shared error maps under ``cfg``
+    (``mafr_ros.core.scoring.score_errors``: what ``Detector.score_inputs`` does)."""
+    import numpy as np
+    from mafr_ros.core.scoring import score_errors
+
+    r2d, r3d, mask = errors
     maps, scores = [], []
-    for start in range(0, len(inputs), batch_size):
-        m, s = detector.score_inputs(inputs[start:start + batch_size])
-        maps.append(m.float().cpu().numpy())
-        scores.append(s.double().cpu().numpy())
+    for start in range(0, r2d.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        m, s = score_errors(r2d[part], r3d[part], mask[part], cfg)
+        maps.append(m.float().numpy())
+        scores.append(s.double().numpy())
     return np.concatenate(maps), np.concatenate(scores)
 
 
@@ -301,7 +366,8 @@ def _metrics(good_scores, good_pixels, bad_scores, bad_pixels, bad_masks) -> dic
 
 
 def evaluate_fold(checkpoint: Path, good_inputs, fold: int, args, kinds) -> dict:
-    """Pseudo-defects on the held-out good inputs, scored by the fold's checkpoint."""
+    """Pseudo-defects on the held-out good inputs, scored by the fold's checkpoint: {scoring
+    name: results}, "checkpoint" for the checkpoint's own scoring, then each ``--variant``."""
     import numpy as np
     from mafr_ros.core.detector import Detector
     from mafr_ros.data.pseudo_defects import PseudoDefectConfig, add_pseudo_defect
@@ -309,13 +375,14 @@ def evaluate_fold(checkpoint: Path, good_inputs, fold: int, args, kinds) -> dict
     detector = Detector.from_checkpoint(checkpoint, device=args.score_device,
                                         backbone_weights=args.backbone_weights or None,
                                         precision="fp32")
-    good_maps, good_scores = _score(detector, good_inputs, args.batch_size)
-    good_pixels = [good_maps[i][good_inputs[i].valid] for i in range(len(good_inputs))]
-    results = {"good_scores": {"mean": float(good_scores.mean()), "max": float(good_scores.max())}}
+    configs = {"checkpoint": detector.scoring_cfg,
+               **{name: dataclasses.replace(detector.scoring_cfg, **overrides)
+                  for name, overrides in args.variants.items()}}
+    good_errors = _errors(detector, good_inputs, args.batch_size)
+    made_errors = {}  # (set, kind) -> (errors, masks, valid)
     for set_name in args.sets:
         set_index = SETS.index(set_name)
         cfg = PseudoDefectConfig(inside=(set_name == "inside"))
-        per_kind = {}
         for kind_index, kind in enumerate(kinds):
             made, masks = [], []
             for i, sample in enumerate(good_inputs):
@@ -330,19 +397,32 @@ def evaluate_fold(checkpoint: Path, good_inputs, fold: int, args, kinds) -> dict
                                            f"({set_name}): {exc!r}") from None
                     made.append(defective)
                     masks.append(mask[sample.valid])
-            maps, scores = _score(detector, made, args.batch_size)
-            pixels = [maps[j][made[j].valid] for j in range(len(made))]
-            per_kind[kind] = {"scores": scores, "pixels": pixels, "masks": masks}
-        all_scores = np.concatenate([v["scores"] for v in per_kind.values()])
-        all_pixels = [p for v in per_kind.values() for p in v["pixels"]]
-        all_masks = [m for v in per_kind.values() for m in v["masks"]]
-        entry = _metrics(good_scores, good_pixels, all_scores, all_pixels, all_masks)
-        entry["per_kind"] = {kind: _metrics(good_scores, good_pixels, v["scores"], v["pixels"],
-                                            v["masks"]) for kind, v in per_kind.items()}
-        entry["defective_scores"] = {"mean": float(all_scores.mean()),
-                                     "max": float(all_scores.max())}
-        results[set_name] = entry
-    return results
+            made_errors[set_name, kind] = (_errors(detector, made, args.batch_size), masks,
+                                           [m.valid for m in made])
+    out = {}
+    for name, scoring in configs.items():
+        good_maps, good_scores = _score(good_errors, scoring, args.batch_size)
+        good_pixels = [good_maps[i][good_inputs[i].valid] for i in range(len(good_inputs))]
+        results = {"good_scores": {"mean": float(good_scores.mean()),
+                                   "max": float(good_scores.max())}}
+        for set_name in args.sets:
+            per_kind = {}
+            for kind in kinds:
+                errors, masks, valid = made_errors[set_name, kind]
+                maps, scores = _score(errors, scoring, args.batch_size)
+                pixels = [maps[j][valid[j]] for j in range(len(valid))]
+                per_kind[kind] = {"scores": scores, "pixels": pixels, "masks": masks}
+            all_scores = np.concatenate([v["scores"] for v in per_kind.values()])
+            all_pixels = [p for v in per_kind.values() for p in v["pixels"]]
+            all_masks = [m for v in per_kind.values() for m in v["masks"]]
+            entry = _metrics(good_scores, good_pixels, all_scores, all_pixels, all_masks)
+            entry["per_kind"] = {kind: _metrics(good_scores, good_pixels, v["scores"], v["pixels"],
+                                                v["masks"]) for kind, v in per_kind.items()}
+            entry["defective_scores"] = {"mean": float(all_scores.mean()),
+                                         "max": float(all_scores.max())}
+            results[set_name] = entry
+        out[name] = results
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +464,20 @@ def markdown_table(folds: list[dict], means: dict, sets, kinds) -> str:
         rows.append(f"| {s} | **mean** | | | **{_cell(m['image_auroc'])}** | "
                     f"**{_cell(m['pixel_auroc'])}** | "
                     + " | ".join(_cell(m["per_kind"][k]["image_auroc"]) for k in kinds) + " | | |")
+    return "\n".join(rows)
+
+
+def variants_table(means: dict, variant_means: dict, variants: dict, sets, kinds) -> str:
+    """Fold means of the checkpoint's scoring and of every ``--variant``, one row per set."""
+    header = ("| scoring | set | I-AUROC | P-AUROC | " + " | ".join(f"I {k}" for k in kinds) + " |")
+    rows = [header, "|---|---|--:|--:|" + "--:|" * len(kinds)]
+    for name, m_all in [("checkpoint", means), *variant_means.items()]:
+        label = name if name == "checkpoint" else (
+            f"{name} (" + ", ".join(f"{k}={v}" for k, v in variants[name].items()) + ")")
+        for s in sets:
+            m = m_all[s]
+            rows.append(f"| {label} | {s} | {_cell(m['image_auroc'])} | {_cell(m['pixel_auroc'])} | "
+                        + " | ".join(_cell(m["per_kind"][k]["image_auroc"]) for k in kinds) + " |")
     return "\n".join(rows)
 
 
@@ -481,8 +575,12 @@ def run(args, train_argv: list[str]) -> dict:
                              "train_files": [str(train_files[i].rgb_path) for i in held],
                              "validation_images": len(val_files)},
                 "n_train": len(fold_train), "leak_check": leaks,
-                "good_scores": results["good_scores"],
-                "sets": {s: results[s] for s in args.sets},
+                "good_scores": results["checkpoint"]["good_scores"],
+                "sets": {s: results["checkpoint"][s] for s in args.sets},
+                "variants": {name: {"scoring": args.variants[name],
+                                    "good_scores": results[name]["good_scores"],
+                                    "sets": {s: results[name][s] for s in args.sets}}
+                             for name in args.variants},
                 "seconds": {"train": round(train_seconds, 2), "score": round(score_seconds, 2),
                             "total": round(time.time() - t0, 2)}}
         folds.append(fold)
@@ -492,6 +590,10 @@ def run(args, train_argv: list[str]) -> dict:
 
     means = fold_means(folds, args.sets, kinds)
     table = markdown_table(folds, means, args.sets, kinds)
+    variant_means = {name: fold_means([{"sets": f["variants"][name]["sets"]} for f in folds],
+                                      args.sets, kinds) for name in args.variants}
+    if args.variants:
+        table += "\n\n" + variants_table(means, variant_means, args.variants, args.sets, kinds)
     wall = time.time() - started
     doc = {
         "config": {"dataset": str(dataset), "category": args.category, "out": str(out),
@@ -499,12 +601,14 @@ def run(args, train_argv: list[str]) -> dict:
                    "defects_per_kind": args.defects_per_kind, "seed": args.seed,
                    "sets": list(args.sets), "kinds": kinds, "score_device": args.score_device,
                    "batch_size": args.batch_size, "train_flags": list(train_argv),
+                   "variants": args.variants,
                    "train_config": dataclasses.asdict(cfg),
                    "n_train_images": len(train_files), "n_validation_images": len(val_files),
                    "pseudo_defect_rng": "np.random.default_rng([seed, fold, held-out sample index, "
                                         "kind index, set index (inside 0, edge 1), repeat])"},
         "folds": folds,
         "mean": means,
+        "variant_means": variant_means,
         "machine": machine_info(),
         "time": {"started": started_iso, "wall_seconds": round(wall, 2),
                  "seconds_per_fold": [f["seconds"]["total"] for f in folds]},

@@ -31,9 +31,9 @@ TRAIN_FLAGS = ["--", "--epochs", "1", "--crop", "48", "--memory-bank", "300", "-
                "--image-score", "max", "--cache-dir"]
 
 
-def _run(script, synth, out, extra=()):
+def _run(script, synth, out, extra=(), train_flags=TRAIN_FLAGS):
     argv = ["--dataset", str(synth), "--category", "gland", "--out", str(out), "--folds", "2",
-            "--holdout", "2", *extra, *TRAIN_FLAGS, str(out.parent / "cache")]
+            "--holdout", "2", *extra, *train_flags, str(out.parent / "cache")]
     assert script.main(argv) == 0
     return json.loads((out / "pseudo_defects.json").read_text())
 
@@ -66,10 +66,27 @@ def test_folds_hold_out_their_images_and_give_seeded_metrics(script, synth, tmp_
             assert 0.0 <= result["image_auroc"] <= 1.0 and 0.0 <= result["pixel_auroc"] <= 1.0
             assert set(result["per_kind"]) == {"dent", "bump", "hole", "cut", "stain"}
     assert (tmp_path / "a" / "pseudo_defects.md").read_text().count("**mean**") == 2
-    # resuming reuses the fold models and gives the same numbers; a fresh run retrains, the same
-    again = _run(script, synth, tmp_path / "a")
+    # resuming reuses the fold models and gives the same numbers; a fresh run retrains, the same.
+    # Scoring variants share the fold's error maps: one equal to the checkpoint's own scoring gives
+    # its numbers, another gives what training with those scoring flags gives.
+    again = _run(script, synth, tmp_path / "a",
+                 extra=("--variant", "same:erode=2", "--variant", "ref:erode=0,image_score=reference"))
     assert all(f["reused_checkpoint"] for f in again["folds"])
     assert _numbers(again) == _numbers(doc)
+    assert again["config"]["variants"] == {"same": {"erode": 2.0},
+                                           "ref": {"erode": 0.0, "image_score": "reference"}}
+
+    def variant_numbers(d, name):
+        return _numbers({"mean": d["variant_means"][name],
+                         "folds": [f["variants"][name] for f in d["folds"]]})
+
+    assert variant_numbers(again, "same") == _numbers(doc)
+    assert variant_numbers(again, "ref") != _numbers(doc)
+    flags = [f for f in TRAIN_FLAGS if f not in ("--erode", "2", "--image-score", "max")]
+    retrained = _run(script, synth, tmp_path / "c", train_flags=flags)
+    assert variant_numbers(again, "ref") == _numbers(retrained)
+    table = (tmp_path / "a" / "pseudo_defects.md").read_text()
+    assert "| ref (erode=0.0, image_score=reference) | inside |" in table
     fresh = _run(script, synth, tmp_path / "b")
     assert not any(f["reused_checkpoint"] for f in fresh["folds"])
     assert _numbers(fresh) == _numbers(doc)
@@ -88,4 +105,16 @@ def test_bad_train_flags_are_refused_clearly(script, synth, tmp_path, capsys):
         assert script.main(base + ["--", *flags]) == 2
         err = capsys.readouterr().err
         assert "pseudo_defects_eval.py: error:" in err and message in err, (flags, err)
+    variants = [(["nocolon"], "expected NAME:KEY=VALUE"),
+                (["x:frobnicate=1"], "'frobnicate' is not a scoring field"),
+                (["x:erode=wide"], "erode takes a number"),
+                (["x:sigma=-1"], "sigma must be >= 0"),
+                (["x:fusion=mean"], "fusion must be one of"),
+                (["x:erode=1", "x:erode=2"], "given twice"),
+                (["checkpoint:erode=1"], "reserved")]
+    for specs, message in variants:
+        argv = base + [a for spec in specs for a in ("--variant", spec)] + ["--", "--epochs", "1"]
+        assert script.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "pseudo_defects_eval.py: error:" in err and message in err, (specs, err)
     assert not (tmp_path / "x" / "pseudo_defects.json").exists()

@@ -240,12 +240,19 @@ class Detector:
         return restoration_errors(f2d, rec2d), restoration_errors(f3d, rec3d)
 
     @torch.no_grad()
-    def score_inputs(self, inputs: list[ModelInput]):
-        """Grid maps (B,S,S) and image scores (B,) of already preprocessed inputs."""
+    def input_errors(self, inputs: list[ModelInput]):
+        """(r2d, r3d, mask), each (B,S,S), of already preprocessed inputs: what ``score_errors``
+        turns into maps and scores (so several scoring configurations can share one pass)."""
         rgb = torch.from_numpy(np.stack([i.rgb for i in inputs]))
         xyz = torch.from_numpy(np.stack([i.xyz for i in inputs]))
         f2d, f3d, mask = self.extract(rgb, xyz)
         r2d, r3d = self.error_maps(f2d, f3d, mask)
+        return r2d, r3d, mask
+
+    @torch.no_grad()
+    def score_inputs(self, inputs: list[ModelInput]):
+        """Grid maps (B,S,S) and image scores (B,) of already preprocessed inputs."""
+        r2d, r3d, mask = self.input_errors(inputs)
         return score_errors(r2d, r3d, mask, self.scoring_cfg)
 
     # ------------------------------------------------------------------ one frame
