@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the memory bank from the training images turned by every multiple "
                         "of 360/N degrees too (1, 2 or 4; default 1: as they are), for parts that "
                         "lie in any in-plane orientation; needs --memory-bank")
+    p.add_argument("--bank-pool", type=int, default=None, metavar="N",
+                   help="the bank's coreset is chosen from a seeded random sample of at most N "
+                        "valid training pixels (default 200000); larger keeps rarer normal "
+                        "structure, training time grows with N; needs --memory-bank")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -232,7 +236,8 @@ def train_config_from_args(args):
             backbone_weights={k: str(v) for k, v in
                               (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
             cache_dir=str(args.cache_dir) if args.cache_dir else None,
-            memory_bank=args.memory_bank, bank_rotations=args.bank_rotations)
+            memory_bank=args.memory_bank, bank_rotations=args.bank_rotations,
+            **({"bank_pool": args.bank_pool} if args.bank_pool is not None else {}))
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
     return cfg

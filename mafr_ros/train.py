@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .core.checkpoint import save_checkpoint
 from .core.detector import Detector, resolve_device
 from .core.losses import LossConfig, mafr_loss
-from .core.memory_bank import MemoryBank, valid_pixels
+from .core.memory_bank import DEFAULT_POOL, MemoryBank, valid_pixels
 from .core.normalization import FeatureNorm
 from .core.profiles import get_profile
 from .core.scoring import ScoringConfig, Thresholds
@@ -86,6 +86,10 @@ class TrainConfig:
     # (N = 1: as they are; 2: and half turns; 4: and every quarter turn; data/augment.py), so that
     # parts in in-plane poses the training set lacks are covered. Needs memory_bank > 0.
     bank_rotations: int = 1
+    # The k-center selection of the bank runs on a seeded random pool of at most this many valid
+    # training pixels (of all turned copies together); a larger pool keeps rarer normal structure
+    # within reach of the selection, at a training cost linear in it (core/memory_bank.py).
+    bank_pool: int = DEFAULT_POOL
 
     def __post_init__(self):
         if self.memory_bank < 0:
@@ -93,6 +97,12 @@ class TrainConfig:
         if self.bank_rotations not in (1, 2, 4):
             raise ValueError(f"bank_rotations must be 1, 2 or 4 (quarter turns only), got "
                              f"{self.bank_rotations}")
+        if self.bank_pool != DEFAULT_POOL and self.memory_bank <= 0:
+            raise ValueError("bank_pool is the pool of the memory bank's coreset selection; it needs "
+                             "a memory bank (memory_bank > 0, `--memory-bank N`)")
+        if self.bank_pool < max(1, self.memory_bank):
+            raise ValueError(f"bank_pool must be >= the memory bank size ({self.memory_bank}) and "
+                             f">= 1, got {self.bank_pool}")
         if self.bank_rotations > 1 and self.memory_bank <= 0:
             raise ValueError("bank_rotations > 1 turns the memory bank's training images; it needs "
                              "a memory bank (memory_bank > 0, `--memory-bank N`)")
@@ -256,7 +266,8 @@ def build_memory_bank(detector: Detector, inputs, f2d, f3d, mask, feature_norm, 
         x3d.append(valid_pixels(t3, tm))
         del t2, t3, tm
     return MemoryBank.from_pixels(torch.cat(x2d), torch.cat(x3d), int(cfg.memory_bank),
-                                  seed=cfg.seed, rotations=int(cfg.bank_rotations))
+                                  seed=cfg.seed, pool=int(cfg.bank_pool),
+                                  rotations=int(cfg.bank_rotations))
 
 
 #: bf16 inference is allowed when, on the calibration images, no image score moves by more than

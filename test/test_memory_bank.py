@@ -49,6 +49,37 @@ def test_coreset_with_projection_covers_every_cluster():
     assert torch.equal(kcenter_coreset(points, 5000), torch.arange(1000))  # size >= N: all rows
 
 
+def test_pool_bounds_the_selection_and_is_recorded():
+    g = torch.Generator().manual_seed(4)
+    common = torch.randn(4000, 6, generator=g)
+    rare = torch.eye(6)[:3] * 40.0  # three pixels of rare normal structure, far apart
+    x = torch.cat([common, rare])
+    full = MemoryBank.from_pixels(x, x, 50, seed=0, projection=0, pool=len(x))
+    assert full.options["pool"] == len(x) and full.options["source_pixels"] == len(x)
+    # the whole pool: the farthest-point selection reaches every rare pixel
+    assert float(nearest_distance(rare, full.bank_2d).max()) == pytest.approx(0.0, abs=1e-2)
+    small = MemoryBank.from_pixels(x, x, 50, seed=0, projection=0, pool=200)
+    assert small.options["pool"] == 200
+    # every entry is a row of the input; with a 200-row pool most rows were never candidates
+    assert float(nearest_distance(small.bank_2d, x).max()) == pytest.approx(0.0, abs=1e-2)
+    assert not torch.equal(small.bank_2d, full.bank_2d)
+
+
+def test_bank_pool_option_is_validated_and_reaches_the_config():
+    from mafr_ros import cli
+    from mafr_ros.core.memory_bank import DEFAULT_POOL
+    base = ["train", "--dataset", "d", "--category", "c", "--out", "o"]
+    parse = lambda extra: cli.train_config_from_args(cli.build_parser().parse_args(base + extra))  # noqa: E731
+    assert parse([]).bank_pool == DEFAULT_POOL
+    assert f"(default {DEFAULT_POOL})" in " ".join(cli.build_parser()._subparsers._group_actions[0]
+                                                  .choices["train"].format_help().split())
+    assert parse(["--memory-bank", "100", "--bank-pool", "800000"]).bank_pool == 800000
+    with pytest.raises(SystemExit, match="needs a memory bank"):
+        parse(["--bank-pool", "800000"])
+    with pytest.raises(SystemExit, match="bank_pool must be >= the memory bank size"):
+        parse(["--memory-bank", "100", "--bank-pool", "50"])
+
+
 def test_nearest_distance_matches_brute_force():
     g = torch.Generator().manual_seed(2)
     q, b = torch.randn(500, 7, generator=g), torch.randn(300, 7, generator=g)
