@@ -41,5 +41,30 @@ def kinect_dir(shared_data) -> Path:
     return shared_data / "kinect_rgbd"
 
 
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """``make(seed=..., n_train=..., ...) -> ROOT``: a synthetic MVTec 3D-AD dataset
+    (``mafr_ros.data.synthetic.generate_dataset``, one ``gland`` category unless ``categories``
+    says otherwise), generated once per distinct set of arguments in this test session and shared
+    by the tests that ask for the same one. Tests read it only (the preprocessing cache and all
+    outputs live elsewhere)."""
+    from mafr_ros.data.synthetic import generate_dataset
+
+    made: dict = {}
+
+    def make(*, seed: int, n_train: int, n_validation: int, n_test_good: int,
+             n_test_per_defect: int, size: int, categories=("gland",)) -> Path:
+        key = (seed, n_train, n_validation, n_test_good, n_test_per_defect, size, tuple(categories))
+        if key not in made:
+            root = tmp_path_factory.mktemp("synthetic_" + "_".join(map(str, key[:6])))
+            generate_dataset(root, seed=seed, categories=list(categories), n_train=n_train,
+                             n_validation=n_validation, n_test_good=n_test_good,
+                             n_test_per_defect=n_test_per_defect, size=size)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
 # The bag/node harness (test/bag_harness.py): fixtures `processes` and `synthetic_bags`.
 from bag_harness import processes, synthetic_bags  # noqa: E402,F401

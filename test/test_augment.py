@@ -9,7 +9,6 @@ from mafr_ros.core.scoring import ScoringConfig
 from mafr_ros.data.augment import quarter_turn
 from mafr_ros.data.formats import open_dataset
 from mafr_ros.data.preprocess import PreprocessConfig, preprocess_sample
-from mafr_ros.data.synthetic import generate_dataset
 from mafr_ros.train import TrainConfig, train
 
 
@@ -62,11 +61,9 @@ def test_four_quarter_turns_are_the_identity(real_sample):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_rot")
-    generate_dataset(root, seed=6, categories=["gland"], n_train=4, n_validation=2,
-                     n_test_good=1, n_test_per_defect=1, size=128)
-    return root
+def synth(synthetic_dataset):
+    return synthetic_dataset(seed=6, n_train=4, n_validation=2, n_test_good=1,
+                             n_test_per_defect=1, size=128)
 
 
 def _train(root, out, rotations):

@@ -16,14 +16,10 @@ N_FRAMES = 7                          # 2 good + 5 defect types x 1 (synthetic "
 
 
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory):
+def synth_root(synthetic_dataset):
     """A tiny synthetic dataset (96 px: the generator cannot place every defect type below)."""
-    from mafr_ros.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("bag_synth")
-    generate_dataset(root, seed=0, categories=["gland"], n_train=0, n_validation=0,
-                     n_test_good=2, n_test_per_defect=1, size=96)
-    return root
+    return synthetic_dataset(seed=0, n_train=0, n_validation=0, n_test_good=2,
+                             n_test_per_defect=1, size=96)
 
 
 @pytest.fixture(scope="session")

@@ -27,13 +27,9 @@ TOPICS = layout.topics_for("/camera")
 
 
 @pytest.fixture(scope="session")
-def synth_root(tmp_path_factory):
-    from mafr_ros.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("play_synth")
-    generate_dataset(root, seed=0, categories=["gland"], n_train=0, n_validation=0,
-                     n_test_good=2, n_test_per_defect=1, size=96)
-    return root
+def synth_root(synthetic_dataset):
+    return synthetic_dataset(seed=0, n_train=0, n_validation=0, n_test_good=2,
+                             n_test_per_defect=1, size=96)
 
 
 @pytest.fixture(scope="session")

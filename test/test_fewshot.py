@@ -6,16 +6,13 @@ import math
 
 import pytest
 
-from mafr_ros.data.synthetic import generate_dataset
 from mafr_ros.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fewshot")
-    generate_dataset(root, seed=5, categories=["gland"], n_train=8, n_validation=2,
-                     n_test_good=1, n_test_per_defect=0, size=96)
-    return root
+def synth(synthetic_dataset):
+    return synthetic_dataset(seed=5, n_train=8, n_validation=2, n_test_good=1,
+                             n_test_per_defect=0, size=96)
 
 
 def _files(root, tmp_path, shots, seed, name):

@@ -14,7 +14,6 @@ from mafr_ros.core.memory_bank import (STATE_PREFIX, MemoryBank, kcenter_coreset
 from mafr_ros.core.scoring import Thresholds
 from mafr_ros.data.formats import open_dataset
 from mafr_ros.data.preprocess import PreprocessConfig, preprocess_sample
-from mafr_ros.data.synthetic import generate_dataset
 from mafr_ros.errors import CheckpointError
 from mafr_ros.train import TrainConfig, train
 
@@ -104,11 +103,9 @@ def test_distance_maps_only_on_valid_pixels():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_mb")
-    generate_dataset(root, seed=4, categories=["gland"], n_train=4, n_validation=3,
-                     n_test_good=1, n_test_per_defect=1, size=128)
-    return root
+def synth(synthetic_dataset):
+    return synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
+                             n_test_per_defect=1, size=128)
 
 
 def _train(root, out, bank):

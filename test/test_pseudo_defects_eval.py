@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from mafr_ros.core.checkpoint import read_metadata
-from mafr_ros.data.synthetic import generate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,9 @@ def script(repo_root):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth_pde")
-    generate_dataset(root, seed=9, categories=["gland"], n_train=6, n_validation=2,
-                     n_test_good=1, n_test_per_defect=1, size=128)
-    return root
+def synth(synthetic_dataset):
+    return synthetic_dataset(seed=9, n_train=6, n_validation=2, n_test_good=1,
+                             n_test_per_defect=1, size=128)
 
 
 TRAIN_FLAGS = ["--", "--epochs", "1", "--crop", "48", "--memory-bank", "300", "--erode", "2",

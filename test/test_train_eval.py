@@ -16,11 +16,9 @@ from mafr_ros.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate_dataset(root, seed=3, categories=["gland"], n_train=6, n_validation=3,
-                     n_test_good=3, n_test_per_defect=1, size=160)
-    return root
+def synth(synthetic_dataset):
+    return synthetic_dataset(seed=3, n_train=6, n_validation=3, n_test_good=3,
+                             n_test_per_defect=1, size=160)
 
 
 @pytest.fixture(scope="module")
