@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the bank's coreset is chosen from a seeded random sample of at most N "
                         "valid training pixels (default 200000); larger keeps rarer normal "
                         "structure, training time grows with N; needs --memory-bank")
+    p.add_argument("--extractor-option", action="append", default=[], metavar="MOD.KEY=VALUE",
+                   help="an option of a weight-free (lite) extractor, MOD rgb or xyz, VALUE in JSON "
+                        "(numbers, true/false, lists), e.g. rgb.hog_windows=[] (no orientation "
+                        "histograms) or xyz.fpfh=true; repeatable; recorded in the checkpoint")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -225,6 +229,26 @@ def train_config_from_args(args):
             raise SystemExit(f"mafr train: error: --loss-weight {item!r}: the weight must be a number "
                              ">= 0, as in census=0.5")
         setattr(loss, f"w_{term}", weight)
+    extractor_options: dict = {}
+    for item in args.extractor_option:
+        key, eq, text = item.partition("=")
+        modality, dot, name = key.partition(".")
+        if not eq or not dot or modality not in ("rgb", "xyz") or not name:
+            raise SystemExit(f"mafr train: error: --extractor-option {item!r}: expected "
+                             "rgb.KEY=VALUE or xyz.KEY=VALUE, e.g. rgb.hog_windows=[]")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise SystemExit(f"mafr train: error: --extractor-option {item!r}: the value must be "
+                             "JSON (a number, true/false, a list such as [7, 15])") from None
+        extractor_options.setdefault(modality, {})[name] = value
+    if extractor_options:
+        from .core.detector import check_extractor_options
+        from .core.profiles import get_profile
+        try:
+            check_extractor_options(get_profile(args.profile), extractor_options)
+        except ValueError as exc:
+            raise SystemExit(f"mafr train: error: --extractor-option: {exc}") from None
     chosen = {"fusion": args.fusion, "image_score": args.image_score, "erode": args.erode}
     try:  # both configs validate their values
         scoring = ScoringConfig(**{k: v for k, v in chosen.items() if v is not None})
@@ -237,7 +261,8 @@ def train_config_from_args(args):
                               (("rgb", args.rgb_weights), ("xyz", args.xyz_weights)) if v},
             cache_dir=str(args.cache_dir) if args.cache_dir else None,
             memory_bank=args.memory_bank, bank_rotations=args.bank_rotations,
-            **({"bank_pool": args.bank_pool} if args.bank_pool is not None else {}))
+            **({"bank_pool": args.bank_pool} if args.bank_pool is not None else {}),
+            extractor_options=extractor_options)
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
     return cfg

@@ -90,6 +90,10 @@ class TrainConfig:
     # training pixels (of all turned copies together); a larger pool keeps rarer normal structure
     # within reach of the selection, at a training cost linear in it (core/memory_bank.py).
     bank_pool: int = DEFAULT_POOL
+    # Keyword options of the weight-free extractors, {"rgb": {...}, "xyz": {...}} (e.g.
+    # {"rgb": {"hog_windows": []}}: no orientation histograms); recorded in the checkpoint
+    # through the extractors' configuration. Empty: the profile's descriptors.
+    extractor_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.memory_bank < 0:
@@ -336,7 +340,8 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
 
     detector = Detector.build(cfg.profile, backbone_weights=cfg.backbone_weights, device=cfg.device,
                               preprocess_cfg=cfg.preprocess, scoring_cfg=cfg.scoring,
-                              latent=cfg.latent, random_init=cfg.random_init_backbones)
+                              latent=cfg.latent, random_init=cfg.random_init_backbones,
+                              extractor_options=cfg.extractor_options)
     train_inputs = [preprocess_sample(train_set[i], cfg.preprocess, cache)
                     for i in tqdm(range(len(train_set)), desc="preprocess", disable=not cfg.progress,
                                   leave=False)]

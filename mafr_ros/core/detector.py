@@ -17,7 +17,7 @@ from ..errors import CheckpointError, InputError
 from . import extractors as _extractors  # noqa: F401  (registers the built-in extractors)
 from .align import feature_valid_mask
 from .checkpoint import check_state_dict, load_checkpoint
-from .extractors import build_extractor
+from .extractors import build_extractor, extractor_options
 from .heads import FusionRestorationHeads
 from .memory_bank import MemoryBank, split_state
 from .normalization import FeatureNorm
@@ -85,6 +85,30 @@ class Detection:
     timings_ms: dict = field(default_factory=dict)
 
 
+def check_extractor_options(profile, options: dict | None) -> dict:
+    """{"rgb": {...}, "xyz": {...}} of ``options`` (keyword arguments of the profile's extractors),
+    refused with a ValueError for unknown modalities, for extractors that take weight files (their
+    layers are fixed by the checkpoint) and for keywords the extractor does not have."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"rgb", "xyz"})
+    if unknown:
+        raise ValueError(f"extractor options for {unknown}: the modalities are rgb and xyz")
+    out = {}
+    for modality, name in (("rgb", profile.rgb_extractor), ("xyz", profile.xyz_extractor)):
+        given = dict(options.get(modality) or {})
+        if given and profile.needs_weights:
+            raise ValueError(f"extractor options {sorted(given)} for {name}: only the weight-free "
+                             "extractors (profile lite) take options")
+        if given:
+            accepted = extractor_options(name)
+            bad = sorted(set(given) - accepted)
+            if bad:
+                raise ValueError(f"{name} has no option {', '.join(bad)}; its options are "
+                                 f"{', '.join(sorted(accepted))}")
+        out[modality] = given
+    return out
+
+
 class Detector:
     def __init__(self, heads: FusionRestorationHeads, rgb_extractor, xyz_extractor,
                  preprocess_cfg: PreprocessConfig, scoring_cfg: ScoringConfig,
@@ -120,16 +144,23 @@ class Detector:
     def build(cls, profile: str, backbone_weights: dict | None = None, device="cpu",
               preprocess_cfg: PreprocessConfig | None = None,
               scoring_cfg: ScoringConfig | None = None, latent: int | None = None,
-              random_init: bool = False) -> "Detector":
-        """An untrained detector of a profile (used by training)."""
+              random_init: bool = False, extractor_options: dict | None = None) -> "Detector":
+        """An untrained detector of a profile (used by training).
+
+        ``extractor_options``: {"rgb": {...}, "xyz": {...}} keyword arguments of the weight-free
+        extractors (e.g. ``{"rgb": {"hog_windows": []}}``); recorded in the metadata through the
+        extractors' configuration, so ``from_checkpoint`` rebuilds the same descriptors."""
         prof = get_profile(profile)
         backbone_weights = backbone_weights or {}
         preprocess_cfg = preprocess_cfg or PreprocessConfig()
+        options = check_extractor_options(prof, extractor_options)
         kwargs = {"grid": preprocess_cfg.grid}
         if prof.needs_weights:
             kwargs["random_init"] = random_init
-        rgb = build_extractor(prof.rgb_extractor, weights=backbone_weights.get("rgb"), **kwargs)
-        xyz = build_extractor(prof.xyz_extractor, weights=backbone_weights.get("xyz"), **kwargs)
+        rgb = build_extractor(prof.rgb_extractor, weights=backbone_weights.get("rgb"),
+                              **kwargs, **options["rgb"])
+        xyz = build_extractor(prof.xyz_extractor, weights=backbone_weights.get("xyz"),
+                              **kwargs, **options["xyz"])
         latent = latent or prof.latent or (rgb.out_dim + xyz.out_dim) // 2
         heads_cfg = dict(dim_2d=rgb.out_dim, dim_3d=xyz.out_dim, latent=latent,
                          encoder_layers=prof.encoder_layers, decoder_layers=prof.decoder_layers,
@@ -182,7 +213,14 @@ class Detector:
             kwargs = {"grid": preprocess_cfg.grid}
             if prof.needs_weights:
                 kwargs["random_init"] = weights is None
-            extractor = build_extractor(name, weights=weights, **kwargs)
+            else:  # weight-free: the recorded configuration is the extractor (checked by its hash)
+                kwargs.update({k: v for k, v in (recorded.get("config") or {}).items()
+                               if k not in ("version", "grid")})
+            try:
+                extractor = build_extractor(name, weights=weights, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint {path}: the recorded {name} configuration cannot "
+                                      f"be built by this version ({exc}); retrain it") from None
             if extractor.out_dim != meta["heads"][f"dim_{'2d' if modality == 'rgb' else '3d'}"]:
                 raise CheckpointError(f"checkpoint {path}: {name} gives {extractor.out_dim}-d features "
                                       "but the heads were trained on another width")

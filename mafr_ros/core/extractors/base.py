@@ -93,6 +93,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def extractor_options(name: str) -> set[str]:
+    """The keyword options of extractor ``name`` besides ``weights`` and ``grid``."""
+    import inspect
+
+    if name not in _REGISTRY:
+        raise CheckpointError(f"unknown feature extractor {name!r}; available: {', '.join(available())}")
+    return set(inspect.signature(_REGISTRY[name]).parameters) - {"self", "weights", "grid"}
+
+
 def build_extractor(name: str, weights: str | None = None, **kwargs) -> FeatureExtractor:
     """Build a frozen, eval-mode extractor by registry name.
 

@@ -213,8 +213,9 @@ class LiteRGBExtractor(_ConfiguredExtractor):
                       census_radius=int(census_radius), census_window=int(census_window),
                       texture_weight=float(texture_weight))
         super().__init__(weights, config)
-        if hog_bins < 2:
-            raise ValueError(f"lite_rgb: hog_bins must be >= 2, got {hog_bins}")
+        if hog_bins < 2 and hog_bins != 0:
+            raise ValueError(f"lite_rgb: hog_bins must be 0 (gradient energy only) or >= 2, got "
+                             f"{hog_bins}")
         win = lambda k: _window(k, grid)  # noqa: E731
         self._colour_windows = [win(k) for k in colour_windows]
         self._contrast_windows = [win(k) for k in contrast_windows]
@@ -240,7 +241,7 @@ class LiteRGBExtractor(_ConfiguredExtractor):
         self.register_buffer("_sobel", torch.stack([sobel, sobel.T]).unsqueeze(1), persistent=False)
         # Bin directions on the doubled angle: a 1x1 conv of mag*(cos 2t, sin 2t) gives
         # mag*cos(2t - phi_b) for every bin at once.
-        phi = torch.arange(hog_bins, dtype=torch.float32) * (2 * math.pi / hog_bins)
+        phi = torch.arange(hog_bins, dtype=torch.float32) * (2 * math.pi / max(1, hog_bins))
         self.register_buffer("_bins", torch.stack([phi.cos(), phi.sin()], 1).view(hog_bins, 2, 1, 1),
                              persistent=False)
         r = self._census_radius
@@ -267,7 +268,8 @@ class LiteRGBExtractor(_ConfiguredExtractor):
         gx, gy = grad[:, :1], grad[:, 1:]
         mag = torch.sqrt(gx * gx + gy * gy + 1e-12)
         doubled = torch.cat([(gx * gx - gy * gy) / mag, 2 * gx * gy / mag], 1)
-        hist = F.conv2d(doubled, self._bins).relu_().square_().div_(mag)  # mag * cos^2(2t - phi)
+        # mag * cos^2(2t - phi) per bin (none with hog_bins = 0: gradient energy only)
+        hist = F.conv2d(doubled, self._bins).relu_().square_().div_(mag) if len(self._bins) else mag[:, :0]
         r = self._census_radius
         census = F.conv2d(F.pad(intensity, (r, r, r, r), mode="replicate"), self._census)
         census = torch.tanh(census / self._CENSUS_TAU)
@@ -285,8 +287,9 @@ class LiteRGBExtractor(_ConfiguredExtractor):
         for k in self._hog_windows:
             energy = box.mean(k, slice(c_mag, c_mag + 1), inside=True)
             feats.append(energy.sqrt().mul_(tw / self._ENERGY_SCALE))
-            feats.append(box.mean(k, slice(c_hist, c_hist + nb), inside=True)
-                         .div_(energy + self._HOG_FLOOR).mul_(tw))
+            if nb:
+                feats.append(box.mean(k, slice(c_hist, c_hist + nb), inside=True)
+                             .div_(energy + self._HOG_FLOOR).mul_(tw))
         feats.append(box.mean(self._census_window, slice(c_census, c_census + 8), inside=True).mul_(tw))
         return torch.cat(feats, 1)
 
@@ -370,20 +373,24 @@ class LiteXYZExtractor(_ConfiguredExtractor):
     def __init__(self, weights=None, grid: int = 224, plane_windows=(5, 11, 23),
                  quadric_windows=(11, 21, 41), plane_heights: bool = False, normals: bool = False,
                  fpfh: bool = False, fpfh_voxel: float = 0.0015, fpfh_radius: float = 0.006,
-                 normal_radius: float = 0.003, quadric_ridge: float = 1e-4):
+                 normal_radius: float = 0.003, quadric_ridge: float = 1e-4,
+                 quadric_slope: bool = True):
         config = dict(grid=int(grid), plane_windows=[int(k) for k in plane_windows],
                       quadric_windows=[int(k) for k in quadric_windows],
                       plane_heights=bool(plane_heights), normals=bool(normals), fpfh=bool(fpfh),
                       fpfh_voxel=float(fpfh_voxel), fpfh_radius=float(fpfh_radius),
                       normal_radius=float(normal_radius), quadric_ridge=float(quadric_ridge))
+        if not quadric_slope:  # recorded only when off: the default keeps its earlier hash
+            config["quadric_slope"] = False
         super().__init__(weights, config)
+        self._quadric_channels = 5 if quadric_slope else 4
         if len(plane_windows) < 2:
             raise ValueError("lite_xyz: plane_windows needs at least two sizes (fine and coarse)")
         self._windows = [_window(k, grid) for k in plane_windows]
         self._quadric_windows = [_window(k, grid) for k in quadric_windows]
         self._n_plane = ((2 if plane_heights else 1) * len(self._windows) + 1
                          + (3 if normals else 0))
-        self._n_geometric = self._n_plane + 5 * len(self._quadric_windows)
+        self._n_geometric = self._n_plane + self._quadric_channels * len(self._quadric_windows)
         self.out_dim = self._n_geometric + (33 if fpfh else 0)
 
     _HEIGHT_SCALE_MM = 0.2   # asinh knee: heights well above the sensor noise are compressed
@@ -470,7 +477,8 @@ class LiteXYZExtractor(_ConfiguredExtractor):
         c3 + c5 (> 0 where the surface is convex towards the camera: domes, bumps) and
         sign(4 c3 c5 - c4^2) sqrt|.| (> 0 on domes and bowls, < 0 on saddles; both are in-plane
         rotation invariants: the part's pose on the plane does not enter), and the slope
-        |(c1, c2)|.
+        |(c1, c2)| (unless ``quadric_slope=False``: the slope is the one channel that depends on
+        how the surface is tilted towards the camera).
 
         Why a quadric and not a plane: the part's normal surface is curved (domes, shoulders),
         where a plane leaves a residual that depends on the window and on where the pixel sits;
@@ -535,8 +543,9 @@ class LiteXYZExtractor(_ConfiguredExtractor):
             cols += [torch.asinh((coef[:, 0] - z0) / self._QUADRIC_RESIDUAL_MM),
                      torch.asinh(sse.sqrt() / self._QUADRIC_RMS_MM),
                      torch.asinh((c3 + c5) / self._QUADRIC_SAG_MM),
-                     torch.asinh(gauss.sign() * gauss.abs().sqrt() / self._QUADRIC_SAG_MM),
-                     torch.asinh(torch.hypot(coef[:, 1], coef[:, 2]) / self._QUADRIC_SLOPE_MM)]
+                     torch.asinh(gauss.sign() * gauss.abs().sqrt() / self._QUADRIC_SAG_MM)]
+            if self._quadric_channels == 5:
+                cols.append(torch.asinh(torch.hypot(coef[:, 1], coef[:, 2]) / self._QUADRIC_SLOPE_MM))
         return torch.stack(cols, 1).to(xyz.dtype)
 
     def _fpfh(self, xyz: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Options of the weight-free extractors (``mafr train --extractor-option rgb.hog_bins=0``): the
+reduced descriptors are exactly the full ones without the dropped channels, the default keeps its
+hash (existing checkpoints stay valid), a checkpoint rebuilds the descriptors it was trained
+with, and bad options are refused with a message that names them."""
+import json
+
+import pytest
+import torch
+
+from mafr_ros import cli
+from mafr_ros.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from mafr_ros.core.detector import Detector
+from mafr_ros.core.extractors.lite import LiteRGBExtractor, LiteXYZExtractor
+from mafr_ros.data.formats import open_dataset
+from mafr_ros.data.preprocess import PreprocessConfig, preprocess_sample
+from mafr_ros.errors import CheckpointError
+from mafr_ros.train import TrainConfig, train
+
+OPTIONS = {"rgb": {"hog_bins": 0}, "xyz": {"quadric_slope": False}}
+
+
+@pytest.fixture(scope="module")
+def real_sample(cable_gland):
+    data = open_dataset(cable_gland.parent, "cable_gland", "train")
+    return preprocess_sample(data[0], PreprocessConfig())
+
+
+def test_reduced_descriptors_are_the_full_ones_without_the_dropped_channels(real_sample):
+    rgb = torch.from_numpy(real_sample.rgb)[None]
+    xyz = torch.from_numpy(real_sample.xyz)[None]
+    full_rgb, full_xyz = LiteRGBExtractor(), LiteXYZExtractor()
+    # 35 = colour 6 + contrast 3 + 2 x (energy + 8 orientation bins) + census 8
+    histograms = [*range(10, 18), *range(19, 27)]
+    no_hist = LiteRGBExtractor(hog_bins=0)
+    assert no_hist.out_dim == 35 - 16
+    keep = [c for c in range(35) if c not in histograms]
+    assert torch.allclose(no_hist.extract(rgb), full_rgb.extract(rgb)[:, keep], atol=1e-6)
+    # 19 = plane variations 3 + crease 1 + 3 windows x (height, rms, mean, Gaussian, slope)
+    no_slope = LiteXYZExtractor(quadric_slope=False)
+    assert no_slope.out_dim == 16
+    keep = [c for c in range(19) if c not in (8, 13, 18)]
+    assert torch.allclose(no_slope.extract(xyz), full_xyz.extract(xyz)[:, keep], atol=1e-6)
+    # the defaults hash as before the options existed (the embedded model's extractors);
+    # another configuration hashes differently
+    assert "quadric_slope" not in full_xyz.config
+    assert no_slope.weights_hash() != full_xyz.weights_hash()
+    assert no_hist.weights_hash() != full_rgb.weights_hash()
+    with pytest.raises(ValueError, match="hog_bins must be 0"):
+        LiteRGBExtractor(hog_bins=1)
+
+
+def test_checkpoint_rebuilds_the_descriptors_it_was_trained_with(synthetic_dataset, tmp_path):
+    root = synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
+                             n_test_per_defect=1, size=128)
+    out = tmp_path / "opt.safetensors"
+    cfg = TrainConfig(profile="lite", epochs=1, batch_size=4, crop=48, progress=False,
+                      cache_dir=str(tmp_path / "cache"), memory_bank=200,
+                      extractor_options=OPTIONS)
+    train(root, "gland", out, cfg)
+    meta = read_metadata(out)
+    assert meta["extractors"]["rgb"]["config"]["hog_bins"] == 0
+    assert meta["extractors"]["xyz"]["config"]["quadric_slope"] is False
+    assert meta["heads"]["dim_2d"] == 19 and meta["heads"]["dim_3d"] == 16
+    detector = Detector.from_checkpoint(out, device="cpu", precision="fp32")
+    assert (detector.rgb_extractor.out_dim, detector.xyz_extractor.out_dim) == (19, 16)
+    sample = preprocess_sample(open_dataset(root, "gland", "test")[0], detector.preprocess_cfg)
+    maps, scores = detector.score_inputs([sample])
+    assert torch.isfinite(scores).all() and maps.shape[-1] == detector.preprocess_cfg.grid
+    # a recorded option this version does not know: a clear checkpoint error, not a TypeError
+    state, meta = load_checkpoint(out)
+    meta["extractors"]["xyz"]["config"]["frobnication"] = 3
+    save_checkpoint(tmp_path / "future.safetensors", state, meta)
+    with pytest.raises(CheckpointError, match="recorded lite_xyz configuration cannot be built"):
+        Detector.from_checkpoint(tmp_path / "future.safetensors", device="cpu")
+
+
+def test_cli_extractor_options_are_parsed_and_checked():
+    base = ["train", "--dataset", "d", "--category", "c", "--out", "o"]
+
+    def parse(*extra):
+        return cli.train_config_from_args(cli.build_parser().parse_args(base + list(extra)))
+
+    assert parse().extractor_options == {}
+    cfg = parse("--extractor-option", "rgb.hog_bins=0", "--extractor-option",
+                "xyz.quadric_slope=false", "--extractor-option", "rgb.hog_windows=[7]")
+    assert cfg.extractor_options == {"rgb": {"hog_bins": 0, "hog_windows": [7]},
+                                     "xyz": {"quadric_slope": False}}
+    json.dumps(cfg.extractor_options)  # stored as JSON in the checkpoint
+    cases = [(["--extractor-option", "hog_bins=0"], "expected rgb.KEY=VALUE"),
+             (["--extractor-option", "depth.x=1"], "expected rgb.KEY=VALUE"),
+             (["--extractor-option", "rgb.hog_bins=eight"], "must be JSON"),
+             (["--extractor-option", "rgb.hogbins=0"], "lite_rgb has no option hogbins"),
+             (["--profile", "paper", "--extractor-option", "rgb.hog_bins=0"],
+              "only the weight-free extractors")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            parse(*extra)
+    assert parse("--extractor-option", "xyz.fpfh=true").extractor_options == {"xyz": {"fpfh": True}}
