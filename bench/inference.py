@@ -64,7 +64,7 @@ def load_frame():
 
 
 def run_child(profile: str, device_name: str, precision: str, repeats: int, full_repeats: int,
-              bank_size: int = 0) -> dict:
+              bank_size: int = 0, extractor_options: dict | None = None) -> dict:
     import torch
 
     from mafr_ros.core.align import feature_valid_mask, spread_group_features, upsample_patch_features
@@ -76,7 +76,8 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
 
     device = torch.device(device_name)
     rgb_np, xyz_np, frame_name = load_frame()
-    detector = Detector.build(profile, random_init=True, device=device)
+    detector = Detector.build(profile, random_init=True, device=device,
+                              extractor_options=extractor_options)
     detector.thresholds = Thresholds(image=1.0, pixel=1.0, image_scale=1.0, pixel_scale=1.0)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     detector.set_precision(precision)  # what `detect` runs at (end-to-end row)
@@ -179,6 +180,7 @@ def run_child(profile: str, device_name: str, precision: str, repeats: int, full
             seconds = float("nan")
         times["end to end, memory bank"].append(seconds)
     result = {"profile": profile, "device": str(device), "precision": precision, "frame": frame_name,
+              "extractor_options": extractor_options or {},
               "repeats": repeats, "memory_bank": bank_size, "median_ms": {k: median(v[1:] if len(v) > 1 else v) * 1e3
                                                  for k, v in times.items()},
               "check": check, "peak_rss_mib": peak_rss_mib()}
@@ -234,15 +236,24 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-bank", type=int, default=0, metavar="N",
                         help="also time the memory-bank scorer with N entries per modality (default 0: "
                              "not timed)")
+    parser.add_argument("--extractor-option", action="append", default=[], metavar="MOD.KEY=VALUE",
+                        help="an option of the lite extractors, as `mafr train --extractor-option` "
+                             "(e.g. rgb.hog_bins=0); applies to --profiles lite only")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--child", nargs=6,
-                        metavar=("PROFILE", "DEVICE", "PRECISION", "REPEATS", "FULL", "BANK"),
+    parser.add_argument("--child", nargs=7,
+                        metavar=("PROFILE", "DEVICE", "PRECISION", "REPEATS", "FULL", "BANK", "OPTIONS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        profile, device, precision, repeats, full, bank = args.child
-        print(json.dumps(run_child(profile, device, precision, int(repeats), int(full), int(bank))))
+        profile, device, precision, repeats, full, bank, options = args.child
+        print(json.dumps(run_child(profile, device, precision, int(repeats), int(full), int(bank),
+                                   json.loads(options))))
         return 0
+    from mafr_ros.cli import parse_extractor_options
+    try:
+        options = parse_extractor_options(args.extractor_option, "lite")
+    except ValueError as exc:
+        parser.error(str(exc))
 
     import torch
 
@@ -257,7 +268,7 @@ def main(argv=None) -> int:
             full = args.full_repeats if args.full_repeats is not None else (1 if slow else repeats)
             for precision in precisions:
                 cmd = [sys.executable, __file__, "--child", profile, device, precision, str(repeats), str(full),
-                       str(args.memory_bank)]
+                       str(args.memory_bank), json.dumps(options if profile == "lite" else {})]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 if out.returncode != 0:
                     print(f"{profile} {device} {precision} failed:\n{out.stderr[-3000:]}", file=sys.stderr)

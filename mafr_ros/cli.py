@@ -205,6 +205,32 @@ def _cmd_preprocess(args):
     print(f"preprocessed {count} samples into {cache.cache_dir}")
 
 
+def parse_extractor_options(items, profile: str) -> dict:
+    """{"rgb": {...}, "xyz": {...}} of ``--extractor-option MOD.KEY=VALUE`` items (VALUE in JSON),
+    checked against the profile's extractors; a ValueError names the bad item."""
+    options: dict = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        modality, dot, name = key.partition(".")
+        if not eq or not dot or modality not in ("rgb", "xyz") or not name:
+            raise ValueError(f"--extractor-option {item!r}: expected rgb.KEY=VALUE or xyz.KEY=VALUE, "
+                             "e.g. rgb.hog_bins=0")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--extractor-option {item!r}: the value must be JSON (a number, "
+                             "true/false, a list such as [7, 15])") from None
+        options.setdefault(modality, {})[name] = value
+    if options:
+        from .core.detector import check_extractor_options
+        from .core.profiles import get_profile
+        try:
+            check_extractor_options(get_profile(profile), options)
+        except ValueError as exc:
+            raise ValueError(f"--extractor-option: {exc}") from None
+    return options
+
+
 def train_config_from_args(args):
     """The TrainConfig that `mafr train` builds from its parsed arguments (also used by research
     scripts that take `mafr train` flags, such as scripts/pseudo_defects_eval.py). Bad values end
@@ -229,26 +255,10 @@ def train_config_from_args(args):
             raise SystemExit(f"mafr train: error: --loss-weight {item!r}: the weight must be a number "
                              ">= 0, as in census=0.5")
         setattr(loss, f"w_{term}", weight)
-    extractor_options: dict = {}
-    for item in args.extractor_option:
-        key, eq, text = item.partition("=")
-        modality, dot, name = key.partition(".")
-        if not eq or not dot or modality not in ("rgb", "xyz") or not name:
-            raise SystemExit(f"mafr train: error: --extractor-option {item!r}: expected "
-                             "rgb.KEY=VALUE or xyz.KEY=VALUE, e.g. rgb.hog_windows=[]")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            raise SystemExit(f"mafr train: error: --extractor-option {item!r}: the value must be "
-                             "JSON (a number, true/false, a list such as [7, 15])") from None
-        extractor_options.setdefault(modality, {})[name] = value
-    if extractor_options:
-        from .core.detector import check_extractor_options
-        from .core.profiles import get_profile
-        try:
-            check_extractor_options(get_profile(args.profile), extractor_options)
-        except ValueError as exc:
-            raise SystemExit(f"mafr train: error: --extractor-option: {exc}") from None
+    try:
+        extractor_options = parse_extractor_options(args.extractor_option, args.profile)
+    except ValueError as exc:
+        raise SystemExit(f"mafr train: error: {exc}") from None
     chosen = {"fusion": args.fusion, "image_score": args.image_score, "erode": args.erode}
     try:  # both configs validate their values
         scoring = ScoringConfig(**{k: v for k, v in chosen.items() if v is not None})
