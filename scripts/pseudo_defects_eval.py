@@ -24,7 +24,10 @@ Protocol (everything is seeded: the same arguments give the same numbers):
    kind, each set (``inside``: defects away from the silhouette; ``edge``: centred on any valid
    pixel, so they may reach the border) and each of ``--defects-per-kind`` repeats, one
    pseudo-defective copy is made with its own generator
-   ``np.random.default_rng([seed, fold, sample index, kind index, set index, repeat])``.
+   ``np.random.default_rng([seed, fold, sample index, kind index, set index, repeat])`` (kind
+   index in ``pseudo_defects.ALL_KINDS``, so a kind draws the same defects whatever ``--kinds``
+   lists; default kinds: the five of ``DEFECT_KINDS``, ``--kinds ... scratches`` adds the
+   oriented-texture kind).
 4. The fold's checkpoint scores everything (``Detector.from_checkpoint(...).score_inputs``).
    Per fold and set: image AUROC (held-out good vs pseudo-defective), image AUROC per kind (good
    vs that kind), pixel AUROC over the valid grid pixels of the good and pseudo-defective samples
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device that scores the held-out samples (default cpu: "
                              "deterministic; training uses the train flag --device)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per scoring batch")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="pseudo-defect kinds (default: dent bump hole cut stain; also "
+                             "scratches, an oriented-texture defect with a shallow 3D groove)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                         help="also score every fold with the checkpoint's scoring configuration "
                              "changed as given (fields of mafr_ros.core.scoring.ScoringConfig, "
@@ -212,6 +218,12 @@ def check_script_args(args) -> None:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     args.sets = [s for s in SETS if s in args.sets]  # fixed order, no duplicates
     args.variants = parse_variants(args.variant)
+    from mafr_ros.data.pseudo_defects import ALL_KINDS, DEFECT_KINDS
+    kinds = list(DEFECT_KINDS) if args.kinds is None else list(dict.fromkeys(args.kinds))
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown:
+        raise UsageError(f"--kinds {' '.join(unknown)}: unknown; choose from {' '.join(ALL_KINDS)}")
+    args.kinds = kinds
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +382,7 @@ def evaluate_fold(checkpoint: Path, good_inputs, fold: int, args, kinds) -> dict
     name: results}, "checkpoint" for the checkpoint's own scoring, then each ``--variant``."""
     import numpy as np
     from mafr_ros.core.detector import Detector
-    from mafr_ros.data.pseudo_defects import PseudoDefectConfig, add_pseudo_defect
+    from mafr_ros.data.pseudo_defects import ALL_KINDS, PseudoDefectConfig, add_pseudo_defect
 
     detector = Detector.from_checkpoint(checkpoint, device=args.score_device,
                                         backbone_weights=args.backbone_weights or None,
@@ -383,7 +395,8 @@ def evaluate_fold(checkpoint: Path, good_inputs, fold: int, args, kinds) -> dict
     for set_name in args.sets:
         set_index = SETS.index(set_name)
         cfg = PseudoDefectConfig(inside=(set_name == "inside"))
-        for kind_index, kind in enumerate(kinds):
+        for kind in kinds:
+            kind_index = ALL_KINDS.index(kind)  # a kind draws the same defects whatever else is run
             made, masks = [], []
             for i, sample in enumerate(good_inputs):
                 for r in range(args.defects_per_kind):
@@ -516,10 +529,9 @@ def run(args, train_argv: list[str]) -> dict:
 
     from mafr_ros.data.mvtec import MVTecDataset
     from mafr_ros.data.preprocess import PreprocessCache, preprocess_sample
-    from mafr_ros.data.pseudo_defects import DEFECT_KINDS
     from mafr_ros.train import train
 
-    kinds = list(DEFECT_KINDS)
+    kinds = list(args.kinds)
     dataset = args.dataset.expanduser()
     train_files, val_files = source_splits(dataset, args.category)
     splits = [fold_split(len(train_files), k, args.holdout) for k in range(args.folds)]
@@ -605,7 +617,8 @@ def run(args, train_argv: list[str]) -> dict:
                    "train_config": dataclasses.asdict(cfg),
                    "n_train_images": len(train_files), "n_validation_images": len(val_files),
                    "pseudo_defect_rng": "np.random.default_rng([seed, fold, held-out sample index, "
-                                        "kind index, set index (inside 0, edge 1), repeat])"},
+                                        "kind index in ALL_KINDS, set index (inside 0, edge 1), "
+                                        "repeat])"},
         "folds": folds,
         "mean": means,
         "variant_means": variant_means,

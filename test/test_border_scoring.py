@@ -12,7 +12,7 @@ from mafr_ros.core.detector import Detector
 from mafr_ros.core.scoring import (ScoringConfig, anomaly_maps, erode_mask, fuse_maps,
                                    image_score, score_map, smooth_maps)
 from mafr_ros.data.preprocess import GridFrame, IMAGENET_MEAN, IMAGENET_STD, ModelInput
-from mafr_ros.data.pseudo_defects import DEFECT_KINDS, PseudoDefectConfig, add_pseudo_defect
+from mafr_ros.data.pseudo_defects import ALL_KINDS, PseudoDefectConfig, add_pseudo_defect
 
 
 def _blob_mask(seed=0, size=48):
@@ -146,7 +146,7 @@ def _part(size=96, seed=0):
                       frame=GridFrame.for_shape(size, size, size))
 
 
-@pytest.mark.parametrize("kind", DEFECT_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_pseudo_defect_changes_only_its_region(kind):
     base = _part()
     out, mask = add_pseudo_defect(base, kind, np.random.default_rng(3))
@@ -160,6 +160,11 @@ def test_pseudo_defect_changes_only_its_region(kind):
     assert dz[far].max() < 1e-6 and drgb[far].max() < 1e-5
     if kind == "stain":
         assert dz.max() == 0 and drgb[mask].max() > 0.1
+    elif kind == "scratches":
+        # shallow grooves, several separate lines (not one band), darker than their surroundings
+        assert 0.1 <= dz[mask].max() <= 0.4 + 1e-3
+        assert ndimage.label(dz > 0.5 * dz.max())[1] >= 2
+        assert (out.rgb - base.rgb).mean(axis=0)[dz > 0.5 * dz.max()].mean() < -0.05
     else:
         assert dz[mask].max() > 0.5
     if kind == "bump":

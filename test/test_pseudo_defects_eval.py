@@ -90,6 +90,14 @@ def test_folds_hold_out_their_images_and_give_seeded_metrics(script, synth, tmp_
     # another pseudo-defect seed draws other defects
     other = _run(script, synth, tmp_path / "a", extra=("--seed", "1"))
     assert _numbers(other) != _numbers(doc)
+    # --kinds: a kind draws the same defects whatever else is run; the texture kind is opt-in
+    kinds = _run(script, synth, tmp_path / "a", extra=("--kinds", "stain", "scratches"))
+    assert kinds["config"]["kinds"] == ["stain", "scratches"]
+    for fold, ref in zip(kinds["folds"], doc["folds"]):
+        for name in ("inside", "edge"):
+            assert set(fold["sets"][name]["per_kind"]) == {"stain", "scratches"}
+            assert fold["sets"][name]["n_defective"] == 4 * 2
+            assert fold["sets"][name]["per_kind"]["stain"] == ref["sets"][name]["per_kind"]["stain"]
 
 
 def test_bad_train_flags_are_refused_clearly(script, synth, tmp_path, capsys):
@@ -114,4 +122,7 @@ def test_bad_train_flags_are_refused_clearly(script, synth, tmp_path, capsys):
         assert script.main(argv) == 2
         err = capsys.readouterr().err
         assert "pseudo_defects_eval.py: error:" in err and message in err, (specs, err)
+    assert script.main(base + ["--kinds", "dent", "scratchy", "--", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--kinds scratchy: unknown; choose from dent bump hole cut stain scratches" in err
     assert not (tmp_path / "x" / "pseudo_defects.json").exists()
