@@ -49,6 +49,27 @@ def test_reduced_descriptors_are_the_full_ones_without_the_dropped_channels(real
         LiteRGBExtractor(hog_bins=1)
 
 
+def test_invariant_orientation_channels_do_not_change_when_the_texture_turns(real_sample):
+    rgb = torch.from_numpy(real_sample.rgb)[None]
+    turned = torch.rot90(rgb, 1, (2, 3))
+    invariant, full = LiteRGBExtractor(hog_invariant=True), LiteRGBExtractor()
+    # 8 bins -> |DFT| at frequencies 1..4 per window: 35 - 2 x 4 channels
+    assert invariant.out_dim == 27 and "hog_invariant" not in full.config
+    a = invariant.extract(rgb)
+    b = torch.rot90(invariant.extract(turned), -1, (2, 3))
+    inner = (slice(None), slice(None), slice(20, -20), slice(20, -20))  # away from the frame
+    for c in (slice(10, 14), slice(15, 19)):  # the invariant channels of the two windows
+        assert float((a[:, c] - b[:, c])[inner].abs().max()) < 1e-5
+    assert float(a[:, 10:14].abs().max()) > 0.1  # not trivially zero
+    # the raw histograms do change under the same turn; every other channel is shared
+    g, h = full.extract(rgb), torch.rot90(full.extract(turned), -1, (2, 3))
+    assert float((g[:, 10:18] - h[:, 10:18])[inner].abs().max()) > 0.05
+    assert torch.allclose(a[:, :10], g[:, :10], atol=1e-6) and torch.allclose(a[:, -8:], g[:, -8:], atol=1e-6)
+    assert invariant.weights_hash() != full.weights_hash()
+    with pytest.raises(ValueError, match="hog_invariant needs hog_bins >= 4"):
+        LiteRGBExtractor(hog_invariant=True, hog_bins=2)
+
+
 def test_checkpoint_rebuilds_the_descriptors_it_was_trained_with(synthetic_dataset, tmp_path):
     root = synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
                              n_test_per_defect=1, size=128)

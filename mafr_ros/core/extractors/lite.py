@@ -188,7 +188,10 @@ class LiteRGBExtractor(_ConfiguredExtractor):
       opposite edge polarities share a bin), magnitude-weighted and pooled (HOG-like). Histograms
       are divided by their pooled energy plus a fixed floor: on textured areas they describe the
       local texture's shape independently of its contrast, on flat areas they fade to zero instead
-      of amplifying noise.
+      of amplifying noise. ``hog_bins=0`` keeps the energy only. ``hog_invariant=True`` replaces
+      each histogram by the magnitudes of its circular DFT over the bins (frequencies 1 ..
+      bins/2): a turn of the texture shifts the histogram circularly and leaves them unchanged,
+      so they say how strongly and how (singly, crosswise) oriented the texture is, not which way.
     - soft census (8): tanh of the intensity step to the 8 neighbours at ``census_radius``, pooled.
       A smooth census / local-binary-pattern code for micro-texture (thread pitch, knurling) that
       ignores global brightness.
@@ -206,13 +209,19 @@ class LiteRGBExtractor(_ConfiguredExtractor):
 
     def __init__(self, weights=None, grid: int = 224, colour_windows=(3, 11),
                  contrast_windows=(5, 11, 21), hog_windows=(7, 15), hog_bins: int = 8,
-                 census_radius: int = 2, census_window: int = 7, texture_weight: float = 0.3):
+                 census_radius: int = 2, census_window: int = 7, texture_weight: float = 0.3,
+                 hog_invariant: bool = False):
         config = dict(grid=int(grid), colour_windows=[int(k) for k in colour_windows],
                       contrast_windows=[int(k) for k in contrast_windows],
                       hog_windows=[int(k) for k in hog_windows], hog_bins=int(hog_bins),
                       census_radius=int(census_radius), census_window=int(census_window),
                       texture_weight=float(texture_weight))
+        if hog_invariant:  # recorded only when on: the default keeps its earlier hash
+            config["hog_invariant"] = True
         super().__init__(weights, config)
+        self._hog_invariant = bool(hog_invariant)
+        if hog_invariant and hog_bins < 4:
+            raise ValueError(f"lite_rgb: hog_invariant needs hog_bins >= 4, got {hog_bins}")
         if hog_bins < 2 and hog_bins != 0:
             raise ValueError(f"lite_rgb: hog_bins must be 0 (gradient energy only) or >= 2, got "
                              f"{hog_bins}")
@@ -225,8 +234,9 @@ class LiteRGBExtractor(_ConfiguredExtractor):
         self._max_window = max(self._colour_windows + self._contrast_windows + self._hog_windows
                                + [self._census_window])
         self._texture_weight = float(texture_weight)
+        per_histogram = hog_bins // 2 if hog_invariant else hog_bins
         self.out_dim = (3 * len(colour_windows) + len(contrast_windows)
-                        + (hog_bins + 1) * len(hog_windows) + 8)
+                        + (per_histogram + 1) * len(hog_windows) + 8)
 
         self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -288,8 +298,10 @@ class LiteRGBExtractor(_ConfiguredExtractor):
             energy = box.mean(k, slice(c_mag, c_mag + 1), inside=True)
             feats.append(energy.sqrt().mul_(tw / self._ENERGY_SCALE))
             if nb:
-                feats.append(box.mean(k, slice(c_hist, c_hist + nb), inside=True)
-                             .div_(energy + self._HOG_FLOOR).mul_(tw))
+                histogram = box.mean(k, slice(c_hist, c_hist + nb), inside=True).div_(energy + self._HOG_FLOOR)
+                if self._hog_invariant:  # |DFT| over the bins, frequencies 1 .. nb/2 (see above)
+                    histogram = torch.fft.rfft(histogram, dim=1).abs()[:, 1:nb // 2 + 1]
+                feats.append(histogram.mul_(tw))
         feats.append(box.mean(self._census_window, slice(c_census, c_census + 8), inside=True).mul_(tw))
         return torch.cat(feats, 1)
 
