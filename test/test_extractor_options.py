@@ -70,6 +70,21 @@ def test_invariant_orientation_channels_do_not_change_when_the_texture_turns(rea
         LiteRGBExtractor(hog_invariant=True, hog_bins=2)
 
 
+def test_census_invariants_make_every_channel_turn_invariant(real_sample):
+    rgb = torch.from_numpy(real_sample.rgb)[None]
+    both = LiteRGBExtractor(hog_invariant=True, census_invariant=True)
+    assert LiteRGBExtractor(census_invariant=True).out_dim == 32 and both.out_dim == 24
+    a = both.extract(rgb)
+    b = torch.rot90(both.extract(torch.rot90(rgb, 1, (2, 3))), -1, (2, 3))
+    assert float((a - b)[:, :, 20:-20, 20:-20].abs().max()) < 1e-5
+    full = LiteRGBExtractor()
+    g = full.extract(rgb)
+    # the ring's mean is the mean of the 8 census channels; its |DFT| is not trivially zero
+    assert torch.allclose(a[:, 19], g[:, -8:].mean(1), atol=1e-6)
+    assert float(a[:, 20:].abs().max()) > 1e-3
+    assert "census_invariant" not in full.config and both.weights_hash() != full.weights_hash()
+
+
 def test_checkpoint_rebuilds_the_descriptors_it_was_trained_with(synthetic_dataset, tmp_path):
     root = synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
                              n_test_per_defect=1, size=128)
