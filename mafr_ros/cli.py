@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "structure, training time grows with N; needs --memory-bank")
     p.add_argument("--extractor-option", action="append", default=[], metavar="MOD.KEY=VALUE",
                    help="an option of a weight-free (lite) extractor, MOD rgb or xyz, VALUE in JSON "
-                        "(numbers, true/false, lists), e.g. rgb.hog_windows=[] (no orientation "
-                        "histograms) or xyz.fpfh=true; repeatable; recorded in the checkpoint")
+                        "(numbers, true/false, lists), e.g. rgb.hog_invariant=true (turn-invariant "
+                        "orientation channels) or xyz.fpfh=true; repeatable; recorded in the checkpoint")
     p.add_argument("--target-fpr", type=float, default=0.01,
                    help="image-level false-positive rate on good validation images for the threshold")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -91,8 +91,8 @@ class TrainConfig:
     # within reach of the selection, at a training cost linear in it (core/memory_bank.py).
     bank_pool: int = DEFAULT_POOL
     # Keyword options of the weight-free extractors, {"rgb": {...}, "xyz": {...}} (e.g.
-    # {"rgb": {"hog_windows": []}}: no orientation histograms); recorded in the checkpoint
-    # through the extractors' configuration. Empty: the profile's descriptors.
+    # {"rgb": {"hog_invariant": True}}: turn-invariant orientation channels); recorded in the
+    # checkpoint through the extractors' configuration. Empty: the profile's descriptors.
     extractor_options: dict = field(default_factory=dict)
 
     def __post_init__(self):

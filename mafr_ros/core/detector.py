@@ -148,7 +148,7 @@ class Detector:
         """An untrained detector of a profile (used by training).
 
         ``extractor_options``: {"rgb": {...}, "xyz": {...}} keyword arguments of the weight-free
-        extractors (e.g. ``{"rgb": {"hog_windows": []}}``); recorded in the metadata through the
+        extractors (e.g. ``{"rgb": {"hog_invariant": True}}``); recorded in the metadata through the
         extractors' configuration, so ``from_checkpoint`` rebuilds the same descriptors."""
         prof = get_profile(profile)
         backbone_weights = backbone_weights or {}
