@@ -280,19 +280,23 @@ class LiteRGBExtractor(_ConfiguredExtractor):
         x = (rgb.float() * self._std + self._mean).clamp_(0.0, 1.0)  # back to [0, 1] RGB
         opp = F.conv2d(x, self._opponent)
         intensity = opp[:, :1]
-        grad = F.conv2d(F.pad(intensity, (1, 1, 1, 1), mode="replicate"), self._sobel)
-        gx, gy = grad[:, :1], grad[:, 1:]
-        mag = torch.sqrt(gx * gx + gy * gy + 1e-12)
-        doubled = torch.cat([(gx * gx - gy * gy) / mag, 2 * gx * gy / mag], 1)
-        # mag * cos^2(2t - phi) per bin (none with hog_bins = 0: gradient energy only)
-        hist = F.conv2d(doubled, self._bins).relu_().square_().div_(mag) if len(self._bins) else mag[:, :0]
+        # Gradient channels only when some window pools them (hog_windows=[]: none computed).
+        nb = self._bins.shape[0] if self._hog_windows else 0
+        gradient = []
+        if self._hog_windows:
+            grad = F.conv2d(F.pad(intensity, (1, 1, 1, 1), mode="replicate"), self._sobel)
+            gx, gy = grad[:, :1], grad[:, 1:]
+            mag = torch.sqrt(gx * gx + gy * gy + 1e-12)
+            gradient.append(mag)
+            if nb:  # mag * cos^2(2t - phi) per bin (none with hog_bins = 0: gradient energy only)
+                doubled = torch.cat([(gx * gx - gy * gy) / mag, 2 * gx * gy / mag], 1)
+                gradient.append(F.conv2d(doubled, self._bins).relu_().square_().div_(mag))
         r = self._census_radius
         census = F.conv2d(F.pad(intensity, (r, r, r, r), mode="replicate"), self._census)
         census = torch.tanh(census / self._CENSUS_TAU)
         # Everything that gets pooled goes through one integral image.
-        nb = self._bins.shape[0]
-        box = BoxFilter(torch.cat([opp, intensity * intensity, mag, hist, census], 1), self._max_window)
-        c_mag, c_hist, c_census = 4, 5, 5 + nb
+        box = BoxFilter(torch.cat([opp, intensity * intensity, *gradient, census], 1), self._max_window)
+        c_mag, c_hist, c_census = 4, 5, 4 + sum(g.shape[1] for g in gradient)
         tw = self._texture_weight
         feats = [(box.mean(k, slice(0, 3), inside=True) - self._colour_offset) / self._colour_scale
                  for k in self._colour_windows]
