@@ -85,6 +85,27 @@ def test_census_invariants_make_every_channel_turn_invariant(real_sample):
     assert "census_invariant" not in full.config and both.weights_hash() != full.weights_hash()
 
 
+def test_3d_channels_turn_with_the_part_so_turned_bank_copies_add_nothing(real_sample):
+    """lite_xyz is turn-invariant too (rigid quarter turn of grid and points, as the bank's turned
+    copies are made): with both 2D invariants, --bank-rotations only repeats pixels (README)."""
+    from mafr_ros.data.augment import quarter_turn
+
+    finer = LiteXYZExtractor(quadric_windows=(7, 11, 21, 41))
+    assert finer.out_dim == LiteXYZExtractor().out_dim + 5  # one more quadric window
+    xyz = torch.from_numpy(real_sample.xyz)[None]
+    a = finer.extract(xyz)
+    valid = torch.from_numpy(real_sample.valid)
+    for turns in (1, 2, 3):
+        b = torch.rot90(finer.extract(torch.from_numpy(quarter_turn(real_sample, turns).xyz)[None]),
+                        -turns, (2, 3))
+        diff = (a - b).abs()[0][:, valid]  # (channels, valid pixels)
+        others = [c for c in range(finer.out_dim) if c != 3]
+        assert float(diff[others].max()) < 1e-5
+        # the crease (1 - n_fine . n_coarse) differs only where a plane fit is degenerate
+        assert int((diff[3] > 1e-4).sum()) <= 0.002 * valid.sum()
+    assert float(a[0][:, valid].abs().amax(1).min()) > 0.1  # no channel trivially zero
+
+
 def test_checkpoint_rebuilds_the_descriptors_it_was_trained_with(synthetic_dataset, tmp_path):
     root = synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
                              n_test_per_defect=1, size=128)
