@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erode", type=float, default=None, metavar="PX",
                    help="image score without the grid pixels within PX of the 3D-feature mask's "
                         "edge (the anomaly map keeps them; default 0: all pixels)")
+    p.add_argument("--floor-3d", type=float, default=0.0, metavar="P",
+                   help="image score: 3D errors below the P-th percentile (0-100) of the "
+                        "calibration images' 3D errors are raised to it before the fusion, so a "
+                        "defect seen in 2D only is not damped by a low 3D error (a softer AND than "
+                        "the product; the anomaly map keeps the plain fusion; default 0: off)")
     p.add_argument("--memory-bank", type=int, default=0, metavar="N",
                    help="score with the distance to the nearest of N training pixels per modality "
                         "(k-center coreset, stored in the checkpoint) instead of the heads' "
@@ -272,7 +277,7 @@ def train_config_from_args(args):
             cache_dir=str(args.cache_dir) if args.cache_dir else None,
             memory_bank=args.memory_bank, bank_rotations=args.bank_rotations,
             **({"bank_pool": args.bank_pool} if args.bank_pool is not None else {}),
-            extractor_options=extractor_options)
+            extractor_options=extractor_options, floor_3d_percentile=args.floor_3d)
     except ValueError as exc:
         raise SystemExit(f"mafr train: error: {exc}") from None
     return cfg

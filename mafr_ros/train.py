@@ -15,6 +15,7 @@ Differences from the published code, on purpose:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -33,7 +34,7 @@ from .core.losses import LossConfig, mafr_loss
 from .core.memory_bank import DEFAULT_POOL, MemoryBank, valid_pixels
 from .core.normalization import FeatureNorm
 from .core.profiles import get_profile
-from .core.scoring import ScoringConfig, Thresholds
+from .core.scoring import ScoringConfig, Thresholds, score_errors
 from .data.augment import quarter_turn
 from .data.formats import open_dataset
 from .data.preprocess import PreprocessCache, PreprocessConfig, preprocess_sample
@@ -94,8 +95,15 @@ class TrainConfig:
     # {"rgb": {"hog_invariant": True}}: turn-invariant orientation channels); recorded in the
     # checkpoint through the extractors' configuration. Empty: the profile's descriptors.
     extractor_options: dict = field(default_factory=dict)
+    # Image score: 3D errors below this percentile (0-100) of the calibration images' valid-pixel
+    # 3D errors are raised to it before fusion (ScoringConfig.floor_3d, set at calibration and
+    # stored in the checkpoint). 0 = off.
+    floor_3d_percentile: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.floor_3d_percentile < 100:
+            raise ValueError(f"floor_3d_percentile must be in [0, 100) (0: off), got "
+                             f"{self.floor_3d_percentile}")
         if self.memory_bank < 0:
             raise ValueError(f"memory_bank must be >= 0 (0: off), got {self.memory_bank}")
         if self.bank_rotations not in (1, 2, 4):
@@ -274,6 +282,15 @@ def build_memory_bank(detector: Detector, inputs, f2d, f3d, mask, feature_norm, 
                                   rotations=int(cfg.bank_rotations))
 
 
+def floor_from_errors(errors, percentile: float) -> float:
+    """The ``percentile`` (0-100) of the 3D errors at the valid pixels of [(r2d, r3d, mask), ...]
+    batches (``Detector.input_errors``): ScoringConfig.floor_3d of ``--floor-3d``."""
+    values = torch.cat([r3d[mask].float().flatten().cpu() for _, r3d, mask in errors])
+    if values.numel() == 0:
+        raise ValueError("--floor-3d: the calibration images have no valid pixel")
+    return float(np.percentile(values.numpy(), percentile))
+
+
 #: bf16 inference is allowed when, on the calibration images, no image score moves by more than
 #: this fraction of the image threshold ...
 HALF_SCORE_TOLERANCE = 0.02
@@ -371,11 +388,17 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     calib_source = "validation" if val_set is not None and len(val_set) > 0 else "train"
     calib_inputs = ([preprocess_sample(val_set[i], cfg.preprocess, cache) for i in range(len(val_set))]
                     if calib_source == "validation" else train_inputs)
-    maps, scores = [], []
+    maps, scores, errors = [], [], []
     for start in range(0, len(calib_inputs), cfg.batch_size):
-        m, s = detector.score_inputs(calib_inputs[start:start + cfg.batch_size])
+        errors.append(detector.input_errors(calib_inputs[start:start + cfg.batch_size]))
+    if cfg.floor_3d_percentile > 0:
+        detector.scoring_cfg = dataclasses.replace(
+            detector.scoring_cfg, floor_3d=floor_from_errors(errors, cfg.floor_3d_percentile))
+    for r2d, r3d, mask in errors:
+        m, s = score_errors(r2d, r3d, mask, detector.scoring_cfg)
         maps.append(m.float().cpu())
         scores.append(s.float().cpu())
+    del errors
     maps = torch.cat(maps).numpy()
     scores = torch.cat(scores).numpy()
     valid = np.stack([i.valid for i in calib_inputs])
@@ -394,6 +417,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
     model_id = f"{cfg.profile}-{category}-{weights_hash[:8]}"
     meta = dict(detector.metadata)
     meta.update({
+        "scoring": detector.scoring_cfg.to_dict(),  # with the calibrated floor_3d
         "model_id": model_id,
         "category": category,
         "thresholds": thresholds.to_dict(),
@@ -408,6 +432,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
             "lr_schedule": cfg.resolved_lr_schedule(),
             "seed": cfg.seed, "shots": cfg.shots, "shots_seed": cfg.shots_seed,
             "target_fpr": cfg.target_fpr, "pixel_target_fpr": cfg.pixel_target_fpr,
+            "floor_3d_percentile": cfg.floor_3d_percentile,
             "loss_history": [round(v, 6) for v in history],
             "seconds": {"total": round(time.time() - started, 2),
                         "features": round(feature_seconds, 2), "heads": round(head_seconds, 2),

@@ -218,6 +218,13 @@ class ScoringConfig:
     # feature (``erode_mask``). The anomaly map itself keeps them (defects at the silhouette stay
     # visible). 0 = off (the reference).
     erode: float = 0.0
+    # Image score only: the 3D error enters the fusion of the image-score map as
+    # max(r3d, floor_3d), so that where the 3D error is at its noise level a 2D anomaly is not
+    # damped further by a product with a below-typical 3D error (a softer AND than the plain
+    # product). Absolute, in the 3D error's units: `mafr train --floor-3d P` sets it to the P-th
+    # percentile of the calibration images' valid-pixel 3D errors. The anomaly map keeps the
+    # plain fusion. 0 = off.
+    floor_3d: float = 0.0
 
     def __post_init__(self):
         for name, allowed in (("fusion", FUSION_MODES), ("smoothing", SMOOTHING_MODES),
@@ -231,6 +238,9 @@ class ScoringConfig:
             raise ValueError(f"ScoringConfig.topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if not self.erode >= 0:
             raise ValueError(f"ScoringConfig.erode must be >= 0 pixels, got {self.erode}")
+        if not (self.floor_3d >= 0 and math.isfinite(self.floor_3d)):
+            raise ValueError(f"ScoringConfig.floor_3d must be a finite value >= 0 (0: off), got "
+                             f"{self.floor_3d}")
 
     @classmethod
     def reference(cls) -> "ScoringConfig":
@@ -280,10 +290,13 @@ def score_errors(r2d: torch.Tensor, r3d: torch.Tensor, mask: torch.Tensor,
 
 def score_map(smoothed: torch.Tensor, r2d: torch.Tensor, r3d: torch.Tensor, mask: torch.Tensor,
               cfg: ScoringConfig) -> torch.Tensor:
-    """The map the image score is taken from: ``smoothed`` itself, or with ``cfg.erode`` > 0 the
-    smoothed fusion of the errors on the eroded mask (the silhouette band left out)."""
-    if cfg.erode <= 0:
+    """The map the image score is taken from: ``smoothed`` itself, or the smoothed fusion of the
+    errors on the eroded mask (``cfg.erode`` > 0: the silhouette band left out) with the 3D error
+    raised to ``cfg.floor_3d`` (> 0)."""
+    if cfg.erode <= 0 and cfg.floor_3d <= 0:
         return smoothed
+    if cfg.floor_3d > 0:
+        r3d = r3d.clamp(min=cfg.floor_3d)
     return smooth_maps(fuse_maps(r2d, r3d, cfg.fusion, erode_mask(mask, cfg.erode)), cfg)
 
 
