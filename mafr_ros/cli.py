@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank-rotations", type=int, choices=[1, 2, 4], default=1, metavar="N",
                    help="build the memory bank from the training images turned by every multiple "
                         "of 360/N degrees too (1, 2 or 4; default 1: as they are), for parts that "
-                        "lie in any in-plane orientation; needs --memory-bank")
+                        "lie in any in-plane orientation; needs --memory-bank (redundant with "
+                        "rgb.hog_invariant and rgb.census_invariant, which make every lite channel "
+                        "turn-invariant)")
     p.add_argument("--bank-pool", type=int, default=None, metavar="N",
                    help="the bank's coreset is chosen from a seeded random sample of at most N "
                         "valid training pixels (default 200000); larger keeps rarer normal "

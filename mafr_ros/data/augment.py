@@ -5,7 +5,10 @@ dozen images covers few of them. The lite 2D descriptors (orientation histograms
 depend on the image orientation, so a part turned by an angle the training set never showed
 gives descriptors that lie far from every training pixel although nothing is wrong with it. A
 memory bank built from turned copies of the training images as well covers those poses
-(``mafr train --memory-bank N --bank-rotations 4``).
+(``mafr train --memory-bank N --bank-rotations 4``). With ``--extractor-option
+rgb.hog_invariant=true --extractor-option rgb.census_invariant=true`` every lite channel, 2D and
+3D, is unchanged under these turns (tested), so the turned copies only repeat pixels and the
+option is not needed (README, "More options").
 
 Only quarter turns: they move pixels exactly (no resampling of the organised cloud, whose
 invalid pixels and depth edges would be smeared by interpolation). Mirror images are not made: a
