@@ -36,6 +36,11 @@ COMMON = {"qos.input.reliability": "reliable", "diagnostics.period": 0.25,
           "publish.heatmap_in_result": True, "regions.min_area": 1, "device": "cpu"}
 
 
+def _default(name):
+    from mafr_ros.ros.node import PARAMETERS
+    return next(spec.default for spec in PARAMETERS if spec.name == name)
+
+
 class Rig:
     """One node process + its camera, observed by the shared Observer."""
 
@@ -421,7 +426,9 @@ def _quiescent(rig, at_least_matched=0, timeout=30.0):
         matched = int(values["frames_matched"])
         if matched >= at_least_matched and _accounted(values) == matched:
             return values
-        assert time.monotonic() < deadline, {k: v for k, v in values.items() if k.startswith(("frames_", "failed."))}
+        assert time.monotonic() < deadline, (
+            {k: v for k, v in values.items() if k.startswith(("frames_", "failed."))},
+            rig.diagnostics("inputs")[2])
         time.sleep(0.1)
 
 
@@ -429,6 +436,9 @@ def test_latest_frame_wins_and_every_set_is_accounted_for(rigs):
     rig = rigs["depth"]
     before = _quiescent(rig)
     stamps = rig.camera.cmd(op="burst", n=6, period=0.03, source="synthetic")["sent"]
+    # Sets closer than the slop could cross-pair (rgb of one with depth of the next) and leave
+    # members pending: the camera paces its stamps so every set pairs with itself.
+    assert min(b - a for a, b in zip(stamps, stamps[1:])) > _default("sync.slop") * 1e9, stamps
     rig.result(stamps[-1])  # the newest set is always processed
     values = _quiescent(rig, int(before["frames_matched"]) + len(stamps))
     processed = int(values["frames_processed"]) - int(before["frames_processed"])

@@ -26,6 +26,7 @@ Commands (one JSON object per line); every command is answered by one JSON line 
                "points_without_z": true (cloud fields x, y only)}; depth_* faults also shape
                the cloud built from that depth
   {"op": "burst", "n": 30, "period": 0.033, ...frame keys}  -> {"sent": [stamp_ns, ...]}
+      (stamps "now", on schedule where the machine keeps up, never closer than the period)
   {"op": "quit"}
 """
 import argparse
@@ -233,12 +234,18 @@ def main():
             elif op == "frame":
                 reply = {"sent": camera.frame(cmd), "publish_ns": camera.last_publish_ns}
             elif op == "burst":
+                # As a camera: frames are never closer than the period, also when publishing
+                # falls behind schedule (a loaded machine), so consecutive sets are never within
+                # the node's sync slop of each other and always pair up as sent.
                 stamps, period = [], float(cmd.get("period", 1 / 30))
+                period_ns = int(round(period * 1e9))
                 start = time.monotonic()
                 for i in range(int(cmd["n"])):
                     delay = start + i * period - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
+                    while stamps and time.time_ns() < stamps[-1] + period_ns:
+                        time.sleep((stamps[-1] + period_ns - time.time_ns()) / 1e9)
                     stamps.append(camera.frame(dict(cmd, info_delay=0.0)))
                 reply = {"sent": stamps}
             else:
