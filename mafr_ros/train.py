@@ -99,6 +99,9 @@ class TrainConfig:
     # 3D errors are raised to it before fusion (ScoringConfig.floor_3d, set at calibration and
     # stored in the checkpoint). 0 = off.
     floor_3d_percentile: float = 0.0
+    # The `mafr train --preset` these settings came from (recorded in the checkpoint's training
+    # metadata; the settings themselves are what counts). None: no preset.
+    preset: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.floor_3d_percentile < 100:
@@ -432,7 +435,7 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
             "lr_schedule": cfg.resolved_lr_schedule(),
             "seed": cfg.seed, "shots": cfg.shots, "shots_seed": cfg.shots_seed,
             "target_fpr": cfg.target_fpr, "pixel_target_fpr": cfg.pixel_target_fpr,
-            "floor_3d_percentile": cfg.floor_3d_percentile,
+            "floor_3d_percentile": cfg.floor_3d_percentile, "preset": cfg.preset,
             "loss_history": [round(v, 6) for v in history],
             "seconds": {"total": round(time.time() - started, 2),
                         "features": round(feature_seconds, 2), "heads": round(head_seconds, 2),

@@ -202,7 +202,7 @@ def test_corrupt_bank_is_a_checkpoint_error(checkpoints, tmp_path, damage, match
 def test_cli_memory_bank_flag(monkeypatch):
     from mafr_ros import cli
     base = ["train", "--dataset", "d", "--category", "c", "--out", "o"]
-    assert cli.build_parser().parse_args(base).memory_bank == 0  # off by default
+    assert cli.train_config_from_args(cli.build_parser().parse_args(base)).memory_bank == 0  # off
 
     class Stop(Exception):
         pass
