@@ -28,10 +28,10 @@ A dataset ROOT holds <category>/{train,validation,test} exactly as MVTec 3D-AD d
 # Named sets of `mafr train` flags (--preset NAME): each is applied under the flags given on the
 # command line, which override it one by one (extractor options key by key).
 TRAIN_PRESETS = {
-    # Chosen for real parts by pseudo-defect cross-validation on MVTec 3D-AD cable_gland (README,
-    # "Training and evaluation"): the nearest-neighbour memory bank over turn-invariant lite
-    # descriptors, an image score that leaves out the silhouette band. With a bank the heads do
-    # not score, so one epoch gives the same bank, scores and thresholds.
+    # Chosen for real parts by pseudo-defect cross-validation on MVTec 3D-AD cable_gland
+    # (docs/real_parts.md): the nearest-neighbour memory bank over turn-invariant lite descriptors,
+    # an image score that leaves out the silhouette band. With a bank the heads do not score, so
+    # one epoch gives the same bank, scores and thresholds.
     "real-parts": {
         "profile": "lite",
         "flags": ("--memory-bank 10000 --erode 4 --image-score max --epochs 1 "

@@ -87,7 +87,7 @@ def test_census_invariants_make_every_channel_turn_invariant(real_sample):
 
 def test_3d_channels_turn_with_the_part_so_turned_bank_copies_add_nothing(real_sample):
     """lite_xyz is turn-invariant too (rigid quarter turn of grid and points, as the bank's turned
-    copies are made): with both 2D invariants, --bank-rotations only repeats pixels (README)."""
+    copies are made): with both 2D invariants, --bank-rotations only repeats pixels (docs/real_parts.md)."""
     from mafr_ros.data.augment import quarter_turn
 
     finer = LiteXYZExtractor(quadric_windows=(7, 11, 21, 41))

@@ -3,7 +3,7 @@
 Why: on real MVTec 3D-AD cable_gland parts the lite restoration heads generalise worse to rare
 normal structure (a part in a new pose) than a plain bank of their own standardised input
 descriptors does: on pseudo-defects pasted into held-out good training/validation images the
-bank ranks images better than the heads (see the README). So, as an opt-in, the per-pixel
+bank ranks images better than the heads (see docs/real_parts.md). So, as an opt-in, the per-pixel
 restoration errors r2d / r3d can be replaced by the distance of each valid pixel's standardised
 descriptor to its nearest neighbour in a bank of training pixels, one bank per modality. The
 distance maps then go through the unchanged fusion / erosion / smoothing / image score /

@@ -1,7 +1,7 @@
 """Named model profiles: which extractors feed the heads and how wide the heads are.
 
 - ``paper``: MAFR as published - DINO ViT-B/8 (768-d) + Point-MAE (1152-d), latent 960. Needs the
-  two pretrained weight files (see README, "Pretrained backbones").
+  two pretrained weight files (see README, "Models").
 - ``lite``: weight-free colour/texture + geometric descriptors with small heads; runs in real time on
   a CPU and is the profile of the embedded default model. Same heads and product fusion as the
   paper; its training recipe departs from the published one (see the comment on its entry).

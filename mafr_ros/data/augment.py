@@ -8,7 +8,7 @@ memory bank built from turned copies of the training images as well covers those
 (``mafr train --memory-bank N --bank-rotations 4``). With ``--extractor-option
 rgb.hog_invariant=true --extractor-option rgb.census_invariant=true`` every lite channel, 2D and
 3D, is unchanged under these turns (tested), so the turned copies only repeat pixels and the
-option is not needed (README, "More options").
+option is not needed (docs/real_parts.md, "More options").
 
 Only quarter turns: they move pixels exactly (no resampling of the organised cloud, whose
 invalid pixels and depth edges would be smeared by interpolation). Mirror images are not made: a
@@ -19,7 +19,7 @@ turned by ``np.rot90`` and the points' x, y coordinates are turned with it (z is
 that x still grows along the grid's columns and y along its rows, as in every camera frame, and
 surface normals, heights and curvatures stay consistent with the image. The light stays where it
 was relative to the camera in the real scene; in a turned copy it comes from a turned direction.
-That is part of what the option trades (see the README's accuracy notes).
+That is part of what the option trades (see docs/real_parts.md).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ The changes are deliberately simple and self-consistent, not photo-realistic:
   random angle, each a shallow groove (0.1-0.4 mm) that is darker than its surroundings: an
   oriented-texture defect (scratched or damaged threads) with a weak 3D signal, the kind the
   five defaults lack (choosing descriptor options on those five alone dropped the lite
-  orientation histograms, which the real cable_gland test split needed; see the README).
+  orientation histograms, which the real cable_gland test split needed; see docs/real_parts.md).
 By default every defect lies on valid pixels away from the silhouette (``margin_mm``);
 ``inside=False`` centres it on any valid pixel (border defects). The valid mask of the sample is
 never changed, and the mask of the defect is where something was changed by more than a small
