@@ -30,11 +30,11 @@ A dataset ROOT holds <category>/{train,validation,test} exactly as MVTec 3D-AD d
 TRAIN_PRESETS = {
     # Chosen for real parts by pseudo-defect cross-validation on MVTec 3D-AD cable_gland
     # (docs/real_parts.md): the nearest-neighbour memory bank over turn-invariant lite descriptors,
-    # an image score that leaves out the silhouette band. With a bank the heads do not score, so
-    # one epoch gives the same bank, scores and thresholds.
+    # an image score (the reference's max / sqrt(mean)) that leaves out the silhouette band. With
+    # a bank the heads do not score, so one epoch gives the same bank, scores and thresholds.
     "real-parts": {
         "profile": "lite",
-        "flags": ("--memory-bank 10000 --erode 4 --image-score max --epochs 1 "
+        "flags": ("--memory-bank 10000 --erode 4 --epochs 1 "
                   "--extractor-option rgb.hog_invariant=true "
                   "--extractor-option rgb.census_invariant=true"),
     },

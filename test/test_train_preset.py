@@ -32,7 +32,7 @@ def test_a_preset_is_exactly_its_flags(name):
 def test_real_parts_is_the_documented_recipe():
     cfg = _config("--preset", "real-parts")
     assert cfg.profile == "lite" and cfg.memory_bank == 10000 and cfg.epochs == 1
-    assert cfg.scoring.erode == 4.0 and cfg.scoring.image_score == "max"
+    assert cfg.scoring.erode == 4.0 and cfg.scoring.image_score == "reference"
     assert cfg.extractor_options == {"rgb": {"hog_invariant": True, "census_invariant": True}}
     assert cfg.scoring.fusion == "product" and cfg.bank_rotations == 1
 
@@ -40,13 +40,14 @@ def test_real_parts_is_the_documented_recipe():
 @pytest.mark.parametrize("before", [True, False])
 def test_command_line_flags_override_the_preset_wherever_they_stand(before):
     mine = ["--memory-bank", "5000", "--extractor-option", "rgb.census_invariant=false",
-            "--erode", "0", "--seed", "7"]
+            "--erode", "0", "--seed", "7", "--image-score", "max"]
     args = mine + ["--preset", "real-parts"] if before else ["--preset", "real-parts"] + mine
     cfg = _config(*args)
-    assert cfg.memory_bank == 5000 and cfg.seed == 7
+    assert cfg.memory_bank == 5000 and cfg.seed == 7 and cfg.scoring.image_score == "max"
     assert cfg.scoring.erode == 0.0  # given explicitly, even though 0 is the plain default
     assert cfg.extractor_options == {"rgb": {"hog_invariant": True, "census_invariant": False}}
-    assert cfg.epochs == 1 and cfg.scoring.image_score == "max"  # the rest from the preset
+    assert cfg.epochs == 1 and cfg.bank_rotations == 1  # the rest from the preset
+    assert cfg.extractor_options["rgb"]["hog_invariant"] is True
 
 
 def test_without_a_preset_nothing_changes():
@@ -65,9 +66,10 @@ def test_a_preset_of_another_profile_is_refused():
 def test_the_help_lists_each_preset_with_its_flags(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
     for name, preset in cli.TRAIN_PRESETS.items():
-        assert f"{name} ({preset['profile']} profile): {preset['flags']}" in text
+        expected = f"{name} ({preset['profile']} profile): {preset['flags']}"
+        assert "".join(expected.split()) in text
 
 
 def test_mafr_train_with_the_preset_trains_and_records_it(synthetic_dataset, tmp_path):
@@ -81,6 +83,6 @@ def test_mafr_train_with_the_preset_trains_and_records_it(synthetic_dataset, tmp
     meta = read_metadata(out)
     assert meta["training"]["preset"] == "real-parts" and meta["training"]["epochs"] == 1
     assert meta["memory_bank"]["size"] == 500 and meta["memory_bank"]["n_2d"] == 500
-    assert meta["scoring"]["erode"] == 4.0 and meta["scoring"]["image_score"] == "max"
+    assert meta["scoring"]["erode"] == 4.0 and meta["scoring"]["image_score"] == "reference"
     rgb = meta["extractors"]["rgb"]["config"]
     assert rgb["hog_invariant"] is True and rgb["census_invariant"] is True
