@@ -362,6 +362,10 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
                               preprocess_cfg=cfg.preprocess, scoring_cfg=cfg.scoring,
                               latent=cfg.latent, random_init=cfg.random_init_backbones,
                               extractor_options=cfg.extractor_options)
+    log.info("model: %s (%d-d) + %s (%d-d) -> heads, latent %d\n%s", detector.rgb_extractor.name,
+             detector.rgb_extractor.out_dim, detector.xyz_extractor.name,
+             detector.xyz_extractor.out_dim, detector.heads.latent,
+             detector.heads.parameter_summary())
     train_inputs = [preprocess_sample(train_set[i], cfg.preprocess, cache)
                     for i in tqdm(range(len(train_set)), desc="preprocess", disable=not cfg.progress,
                                   leave=False)]
@@ -427,6 +431,9 @@ def train(dataset_root, category: str, out_path, cfg: TrainConfig | None = None)
         "loss": cfg.loss.to_dict(),
         "feature_norm": feature_norm.to_dict() if feature_norm is not None else None,
         "memory_bank": memory_bank.options if memory_bank is not None else None,
+        # what the model summary printed at the start of training (`mafr train` logs it)
+        "parameters": {**detector.heads.parameter_counts(),
+                       "mac_per_pixel": detector.heads.macs_per_pixel()},
         "training": {
             "dataset": str(dataset_root), "files": files, "files_digest": _file_digest(files),
             "calibration": calib_source, "n_calibration": len(calib_inputs),

@@ -52,6 +52,11 @@ def test_checkpoint_records_what_rebuilds_the_detector(trained, synth):
     assert inference["checked_dtype"] == "bf16" and inference["images"] == 3
     assert isinstance(inference["half_precision"], bool)
     assert 0 <= inference["max_score_shift_of_threshold"] < 1
+    # the model summary's parameter counts, as the loaded heads have them
+    heads = Detector.from_checkpoint(path, device="cpu").heads
+    assert on_disk["parameters"] == {**heads.parameter_counts(),
+                                     "mac_per_pixel": heads.macs_per_pixel()}
+    assert on_disk["parameters"]["total"] == sum(p.numel() for p in heads.parameters())
 
 
 def test_feature_norm_is_recorded_and_checkpoints_without_it_still_load(trained, synth, tmp_path):

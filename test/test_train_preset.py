@@ -72,7 +72,8 @@ def test_the_help_lists_each_preset_with_its_flags(capsys):
         assert "".join(expected.split()) in text
 
 
-def test_mafr_train_with_the_preset_trains_and_records_it(synthetic_dataset, tmp_path):
+def test_mafr_train_with_the_preset_trains_and_records_it(synthetic_dataset, tmp_path, caplog):
+    caplog.set_level("INFO", logger="mafr_ros.train")
     root = synthetic_dataset(seed=4, n_train=4, n_validation=3, n_test_good=1,
                              n_test_per_defect=1, size=128)
     out = tmp_path / "preset.safetensors"
@@ -86,3 +87,7 @@ def test_mafr_train_with_the_preset_trains_and_records_it(synthetic_dataset, tmp
     assert meta["scoring"]["erode"] == 4.0 and meta["scoring"]["image_score"] == "reference"
     rgb = meta["extractors"]["rgb"]["config"]
     assert rgb["hog_invariant"] is True and rgb["census_invariant"] is True
+    # the model summary is printed when training starts, with the counts the checkpoint records
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("model:"))
+    assert "lite_rgb (24-d) + lite_xyz (19-d)" in summary
+    assert f"{meta['parameters']['total']:,}" in summary and "MAC per pixel" in summary
