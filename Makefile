@@ -84,3 +84,5 @@ model: setup
 	$(VENV)/bin/mafr synth --out build/model_data --seed 0 --categories gland
 	$(VENV)/bin/mafr train --dataset build/model_data --category gland --profile lite \
 	  --seed 115 --cache-dir build/model_cache --out models/lite_synthetic.safetensors
+	$(VENV)/bin/mafr eval --dataset build/model_data --category gland --cache-dir build/model_cache \
+	  --checkpoint models/lite_synthetic.safetensors --record

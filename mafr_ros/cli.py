@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None,
                    help="folder for the Markdown/JSON report, heatmap overlays and curves")
     p.add_argument("--split", default="test")
+    p.add_argument("--record", action="store_true",
+                   help="also keep the metrics in the checkpoint's metadata (its 'metrics' entry, "
+                        "one evaluation per dataset split or bag, the latest replacing an earlier "
+                        "one; the weights and model id stay the same)")
     p.add_argument("--device", default="auto")
     p.add_argument("--rgb-weights", type=Path, default=None)
     p.add_argument("--xyz-weights", type=Path, default=None)
@@ -362,6 +366,15 @@ def _cmd_eval(args):
                      indent=2))
     if "report" in summary:
         print(f"report: {summary['report']}")
+    if args.record:
+        _record(args, summary, {"dataset": str(args.dataset), "category": args.category,
+                                "split": args.split})
+
+
+def _record(args, summary, source):
+    from .evaluate import record_metrics
+    record_metrics(args.checkpoint, summary, source)
+    print(f"recorded in {args.checkpoint} (metadata 'metrics', source {json.dumps(source)})")
 
 
 def _cmd_eval_bag(args, weights):
@@ -381,6 +394,8 @@ def _cmd_eval_bag(args, weights):
                                               "i_auroc", "p_auroc", "aupro")}, indent=2))
     if "report" in summary:
         print(f"report: {summary['report']}")
+    if args.record:
+        _record(args, summary, {"bag": str(args.bag), "mode": summary["mode"]})
     if summary.get("n_missing"):
         print(f"mafr eval: {summary['n_missing']} of {summary['n_frames']} frames got no result "
               "from the node (left out of the metrics): " + "; ".join(

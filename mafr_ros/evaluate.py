@@ -145,6 +145,31 @@ def write_evaluation(run: dict, metrics: ClassMetrics, *, checkpoint, model_id: 
     return summary
 
 
+#: Summary keys kept in a checkpoint's ``metrics`` by :func:`record_metrics`.
+RECORDED_KEYS = ("i_auroc", "p_auroc", "aupro", "aupro_limits", "n_good", "n_defect", "grid",
+                 "device", "mode", "n_frames", "n_missing")
+
+
+def record_metrics(checkpoint, summary: Mapping, source: Mapping) -> dict:
+    """Keep an evaluation in the checkpoint's metadata (``mafr eval --record``): its ``metrics``
+    holds ``evaluations``, one entry per evaluated source (``source``: e.g. dataset, category,
+    split, or bag), the latest evaluation of a source replacing the earlier one. The file is
+    rewritten atomically with the same weights, so the model id does not change. Returns the
+    entry."""
+    from .core.checkpoint import read_metadata, update_metadata
+    meta = read_metadata(checkpoint)
+    if summary.get("model_id") != meta.get("model_id"):
+        raise ValueError(f"the evaluation is of model {summary.get('model_id')!r}, the checkpoint "
+                         f"{checkpoint} holds {meta.get('model_id')!r}")
+    entry = {"source": dict(source), **{k: summary[k] for k in RECORDED_KEYS if k in summary},
+             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    metrics = dict(meta.get("metrics") or {})
+    kept = [e for e in metrics.get("evaluations", []) if e.get("source") != entry["source"]]
+    metrics["evaluations"] = kept + [entry]
+    update_metadata(checkpoint, {"metrics": metrics})
+    return entry
+
+
 def evaluate(checkpoint, dataset_root, category: str, out_dir=None, json_path=None,
              device="auto", split="test", overlays: int = 12, progress: bool = True,
              cache_dir=None, backbone_weights=None, dataset_format: str = "auto") -> dict:

@@ -138,6 +138,42 @@ def test_cli_eval_writes_metrics_json_and_report(trained, synth, tmp_path):
     assert list((tmp_path / "rep" / "overlays").glob("*.png"))
 
 
+def test_cli_eval_record_keeps_the_metrics_in_the_checkpoint(trained, synth, tmp_path):
+    import shutil
+
+    from mafr_ros import cli
+    path = shutil.copy(trained[0], tmp_path / "rec.safetensors")
+    state_before, meta_before = load_checkpoint(path)
+    assert meta_before["metrics"] == {}  # training records none: it sees no defect
+    base = ["eval", "--dataset", str(synth), "--category", "gland", "--checkpoint", str(path),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(base + ["--json", str(tmp_path / "t.json")]) == 0
+    assert read_metadata(path)["metrics"] == {}  # only with --record
+    assert cli.main(base + ["--json", str(tmp_path / "t.json"), "--record"]) == 0
+    other = tmp_path / "other_root"  # a second source: the same parts under another root
+    other.symlink_to(synth, target_is_directory=True)
+    assert cli.main(base[:2] + [str(other)] + base[3:] + ["--record"]) == 0
+    assert cli.main(base + ["--json", str(tmp_path / "t2.json"), "--record"]) == 0  # replaces
+    state, meta = load_checkpoint(path)
+    entries = meta["metrics"]["evaluations"]
+    assert [e["source"] for e in entries] == [
+        {"dataset": str(other), "category": "gland", "split": "test"},
+        {"dataset": str(synth), "category": "gland", "split": "test"}]
+    measured = json.loads((tmp_path / "t2.json").read_text())
+    for entry in entries:
+        for key in ("i_auroc", "p_auroc", "aupro", "n_good", "n_defect"):
+            assert entry[key] == measured[key], key
+    # the weights, the model id and everything else are unchanged
+    assert state.keys() == state_before.keys()
+    assert all(torch.equal(state[k], state_before[k]) for k in state)
+    assert {k: v for k, v in meta.items() if k != "metrics"} == \
+        {k: v for k, v in meta_before.items() if k != "metrics"}
+    # an evaluation of another model is not written into this checkpoint
+    from mafr_ros.evaluate import record_metrics
+    with pytest.raises(ValueError, match="the checkpoint .* holds"):
+        record_metrics(path, {**measured, "model_id": "lite-gland-00000000"}, {"split": "x"})
+
+
 def test_cli_reports_a_missing_checkpoint_clearly(synth, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mafr_ros.cli", "eval", "--dataset", str(synth), "--category", "gland",

@@ -37,6 +37,16 @@ def save_checkpoint(path, state_dict: dict, metadata: dict) -> Path:
     return path
 
 
+def update_metadata(path, updates: Mapping) -> dict:
+    """Replace top-level metadata entries of an existing checkpoint (e.g. ``metrics`` after an
+    evaluation), atomically; the weights are written back unchanged, so the model id stays.
+    Returns the new metadata."""
+    state, meta = load_checkpoint(path)
+    meta.update(updates)
+    save_checkpoint(path, state, meta)
+    return meta
+
+
 def read_metadata(path) -> dict:
     """Only the JSON metadata (cheap: reads the header, not the tensors)."""
     path = _existing(path)
