@@ -204,6 +204,27 @@ def test_embedded_model_detects_held_out_synthetic_defects(tmp_path):
     assert summary["aupro"] >= 0.86, summary
 
 
+@pytest.mark.slow
+def test_the_lite_recipe_trains_to_the_synthetic_target(tmp_path):
+    """The training side of the lite target (image AUROC >= 0.95 on synthetic parts): the
+    recipe of the embedded model (`make model`: 30 synthetic gland parts of seed 0, lite defaults,
+    training seed 115) trained afresh, then evaluated on the seed-0 test split (10 good, 20
+    defective). The embedded model scores 0.955 / 0.943 / 0.876 there; a retraining on another
+    machine of this kind gave other weight bits but the same metrics to 1e-6 (2026-12-07)."""
+    from mafr_ros.evaluate import evaluate
+    generate_dataset(tmp_path / "data", seed=0, categories=["gland"])
+    out = tmp_path / "lite.safetensors"
+    meta = train(tmp_path / "data", "gland", out,
+                 TrainConfig(profile="lite", seed=115, progress=False,
+                             cache_dir=str(tmp_path / "cache")))
+    assert meta["training"]["epochs"] == 50 and len(meta["training"]["files"]) == 30
+    summary = evaluate(out, tmp_path / "data", "gland", device="cpu", progress=False,
+                       cache_dir=tmp_path / "cache")
+    assert summary["n_good"] == 10 and summary["n_defect"] == 20
+    assert summary["i_auroc"] >= 0.95, summary
+    assert summary["p_auroc"] >= 0.93 and summary["aupro"] >= 0.86, summary
+
+
 def test_backbone_weights_resolution_when_loading():
     from mafr_ros.core.detector import resolve_backbone_weights
     # weight-free extractors never get a file
