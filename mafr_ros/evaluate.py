@@ -157,10 +157,12 @@ def record_metrics(checkpoint, summary: Mapping, source: Mapping) -> dict:
     rewritten atomically with the same weights, so the model id does not change. Returns the
     entry."""
     from .core.checkpoint import read_metadata, update_metadata
+    from .errors import CheckpointError
     meta = read_metadata(checkpoint)
     if summary.get("model_id") != meta.get("model_id"):
-        raise ValueError(f"the evaluation is of model {summary.get('model_id')!r}, the checkpoint "
-                         f"{checkpoint} holds {meta.get('model_id')!r}")
+        raise CheckpointError(f"the evaluation is of model {summary.get('model_id')!r}, the "
+                              f"checkpoint {checkpoint} holds {meta.get('model_id')!r}: not "
+                              "recorded (was the file replaced during the evaluation?)")
     entry = {"source": dict(source), **{k: summary[k] for k in RECORDED_KEYS if k in summary},
              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     metrics = dict(meta.get("metrics") or {})

@@ -138,7 +138,7 @@ def test_cli_eval_writes_metrics_json_and_report(trained, synth, tmp_path):
     assert list((tmp_path / "rep" / "overlays").glob("*.png"))
 
 
-def test_cli_eval_record_keeps_the_metrics_in_the_checkpoint(trained, synth, tmp_path):
+def test_cli_eval_record_keeps_the_metrics_in_the_checkpoint(trained, synth, tmp_path, capsys):
     import shutil
 
     from mafr_ros import cli
@@ -170,8 +170,14 @@ def test_cli_eval_record_keeps_the_metrics_in_the_checkpoint(trained, synth, tmp
         {k: v for k, v in meta_before.items() if k != "metrics"}
     # an evaluation of another model is not written into this checkpoint
     from mafr_ros.evaluate import record_metrics
-    with pytest.raises(ValueError, match="the checkpoint .* holds"):
+    with pytest.raises(CheckpointError, match="the checkpoint .* holds"):
         record_metrics(path, {**measured, "model_id": "lite-gland-00000000"}, {"split": "x"})
+    # a checkpoint that cannot be rewritten (here: its temporary file's name is taken by a
+    # folder, which fails for root too): a clear error from the command, the file unchanged
+    (tmp_path / "rec.safetensors.tmp").mkdir()
+    assert cli.main(base + ["--record"]) == 1
+    assert read_metadata(path) == meta
+    assert "cannot write it" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_checkpoint_clearly(synth, tmp_path):

@@ -32,8 +32,15 @@ def save_checkpoint(path, state_dict: dict, metadata: dict) -> Path:
     meta["format_version"] = FORMAT_VERSION
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        if tmp.is_file():
+            tmp.unlink()
+        raise CheckpointError(f"checkpoint {path}: cannot write it ({exc}); check that its folder "
+                              "is writable and has space (the previous file, if any, is "
+                              "unchanged)") from None
     return path
 
 
