@@ -41,6 +41,11 @@ TRAIN_PRESETS = {
 }
 
 
+# Loss terms whose weight `mafr train --loss-weight TERM=W` sets (LossConfig.w_<TERM>): the
+# published ones, and the per-pixel MSE restoration term the lite profile trains with.
+LOSS_TERMS = ("similarity", "census", "smoothness", "local_mean", "restoration")
+
+
 def _add_common(p):
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
 
@@ -102,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="census loss form: true soft census (default) or the reference's local mean")
     p.add_argument("--no-mask", action="store_true", help="do not mask invalid pixels in the loss")
     p.add_argument("--loss-weight", action="append", default=[], metavar="TERM=W",
-                   help="weight of a loss term (similarity, census, smoothness, local_mean; 0 drops "
-                        "it), repeatable, e.g. --loss-weight census=0 (ablations)")
+                   help="weight of a loss term (similarity = ZNSSD, census, smoothness, "
+                        "local_mean, restoration = per-pixel MSE, the lite profile's only term; 0 "
+                        "drops it), repeatable, e.g. --loss-weight census=0 (ablations)")
     p.add_argument("--fusion", choices=["product", "sum", "max", "2d", "3d"], default=None,
                    help="how the 2D and 3D errors combine (default product; 2d/3d: one alone)")
     p.add_argument("--image-score", choices=["reference", "max", "topk"], default=None,
@@ -303,9 +309,9 @@ def train_config_from_args(args):
         loss.mask_invalid = False
     for item in args.loss_weight:
         term, _, value = item.partition("=")
-        if term not in ("similarity", "census", "smoothness", "local_mean"):
+        if term not in LOSS_TERMS:
             raise SystemExit(f"mafr train: error: --loss-weight {item!r}: unknown term {term!r}; use "
-                             "similarity, census, smoothness or local_mean")
+                             f"{', '.join(LOSS_TERMS[:-1])} or {LOSS_TERMS[-1]}")
         try:
             weight = float(value)
         except ValueError:

@@ -62,10 +62,13 @@ def test_train_cli_loss_weights_and_single_modality_fusion(synth, tmp_path):
     out = tmp_path / "abl.safetensors"
     assert main(["train", "--dataset", str(synth), "--category", "gland", "--epochs", "1",
                  "--crop", "32", "--shots", "3", "--loss-weight", "census=0",
-                 "--loss-weight", "smoothness=0.5", "--fusion", "3d", "--out", str(out),
+                 "--loss-weight", "smoothness=0.5", "--loss-weight", "restoration=0.25",
+                 "--census", "reference", "--no-mask", "--fusion", "3d", "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     meta = read_metadata(out)
     assert meta["loss"]["w_census"] == 0.0 and meta["loss"]["w_smoothness"] == 0.5
+    assert meta["loss"]["w_restoration"] == 0.25  # the lite profile's term, 1.0 by default
+    assert meta["loss"]["census"] == "reference" and meta["loss"]["mask_invalid"] is False
     # untouched terms keep the lite profile's weight (ZNSSD off: models/lite_synthetic.md)
     assert meta["loss"]["w_similarity"] == 0.0 and meta["scoring"]["fusion"] == "3d"
     for bad in ("census=-1", "census=x", "sharpness=1"):
