@@ -239,6 +239,42 @@ def test_a_stream_that_stops_leaves_a_bounded_queue_and_counts_unmatched():
     assert st.unmatched == (n - stop - 4, 0)
 
 
+@pytest.mark.parametrize("stale", [0, 5])
+def test_a_burst_of_queue_size_sets_pairs_up_in_every_arrival_order(stale):
+    """What the node's burst test relies on: ``queue_size`` sets pair up whatever order the two
+    streams interleave in (each stream in its own order), even with ``stale`` unpaired colour
+    images left queued by an earlier stall; one set more, and only the orders in which one whole
+    stream lags behind the other lose a set: the oldest, its evicted member counted."""
+    from itertools import combinations
+
+    q = 5
+    base = 1_000 * NS_PER_S
+    for n in (q, q + 1):
+        for depth_first in combinations(range(2 * n), n):
+            sync = ApproximateTimeSync(2, queue_size=q, slop=0.015)
+            events = [(i, 0, stamped(Image, base + i * 200 * MS)) for i in range(stale)]
+            k = [0, 0]
+            for position in range(2 * n):
+                topic = 1 if position in depth_first else 0
+                stamp = base + 5 * NS_PER_S + k[topic] * 30 * MS
+                events.append((stale + position, topic, stamped(Image, stamp)))
+                k[topic] += 1
+            sent, sets = feed(sync, events)
+            st = check_accounting(sync, sent, sets)
+            depth_lags = depth_first == tuple(range(n, 2 * n))
+            colour_lags = depth_first == tuple(range(n))
+            if n == q or not (depth_lags or colour_lags):
+                assert len(sets) == n, (n, depth_first)
+            else:  # the oldest set is the one lost, its evicted member counted unmatched
+                first = base + 5 * NS_PER_S
+                assert sorted(stamps_of(m)[0] for m in sets) == [first + i * 30 * MS
+                                                                 for i in range(1, n)]
+                if depth_lags:  # the oldest colour image evicted, its depth partner waits
+                    assert st.unmatched == (stale + 1, 0) and st.pending == (0, 1)
+                else:  # the oldest depth image evicted, its colour partner waits
+                    assert st.unmatched[1] == 1 and st.pending[1] == 0
+
+
 def test_duplicate_stamp_last_wins_and_is_counted():
     sync = ApproximateTimeSync(2, queue_size=5, slop=0.010)
     first, second = stamped(Image, NS_PER_S, "first"), stamped(Image, NS_PER_S, "second")
